@@ -1,0 +1,72 @@
+"""Running a pipeline: the default one, or the stages a recipe file names."""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tbquant.errors import TbquantError
+from tbquant.pipeline.registry import get_stage
+from tbquant.pipeline.settings import CompressSettings
+from tbquant.pipeline.state import PipelineState
+
+logger = logging.getLogger(__name__)
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML recipe: `stages` (a list of stage names) and `options` (compress options).
+
+    Raises:
+        TbquantError: if the file is missing, malformed, or has unknown keys.
+    """
+    if not path.is_file():
+        raise TbquantError(f"recipe file {path} not found: check the path given to --recipe")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            recipe = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            recipe = yaml.safe_load(text) or {}
+        else:
+            raise TbquantError(f"unsupported recipe file {path}: use a .yaml, .yml or .toml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise TbquantError(f"invalid recipe file {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise TbquantError(f"invalid recipe file {path}: expected a mapping with 'stages' and 'options'")
+    unknown = set(recipe) - {"stages", "options"}
+    if unknown:
+        raise TbquantError(f"invalid recipe file {path}: unknown keys {', '.join(sorted(unknown))}; expected 'stages' and 'options'")
+    stages = recipe.get("stages")
+    if stages is not None and (not isinstance(stages, list) or not all(isinstance(name, str) for name in stages) or not stages):
+        raise TbquantError(f"invalid recipe file {path}: 'stages' must be a non-empty list of stage names")
+    options = recipe.get("options") or {}
+    if not isinstance(options, dict):
+        raise TbquantError(f"invalid recipe file {path}: 'options' must be a mapping of compress options")
+    return {"stages": stages, "options": options}
+
+
+def run_pipeline(settings: CompressSettings, stages: list[str] | tuple[str, ...] | None = None) -> PipelineState:
+    """Run `stages` (default: load, calibrate, distill, pack, export) on a fresh state.
+
+    Every stage name is resolved before the first one runs, so a typo fails at once.
+    """
+    from tbquant.stages import DEFAULT_PIPELINE
+
+    names = list(stages or DEFAULT_PIPELINE)
+    stage_classes = [get_stage(name) for name in names]
+    if "export" in names:
+        from tbquant.stages.export import check_output
+
+        check_output(Path(settings.output), settings.overwrite)
+    state = PipelineState(settings=settings)
+    for name, stage_class in zip(names, stage_classes):
+        started = time.perf_counter()
+        logger.info("Stage %s", name)
+        stage_class().run(state)
+        state.info.setdefault("stage_seconds", {})[name] = time.perf_counter() - started
+    return state

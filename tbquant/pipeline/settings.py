@@ -1,0 +1,101 @@
+"""Settings of one compression run: the options of `tbquant compress`, as a typed object."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+
+from tbquant.config import QuantizationConfig
+
+
+class Task(str, enum.Enum):
+    """Model family, detected from the checkpoint's config."""
+
+    CAUSAL_LM = "causal-lm"
+    SEQ2SEQ_LM = "seq2seq-lm"
+    ENCODER = "encoder"
+
+
+@dataclasses.dataclass
+class DistillSettings:
+    """Quantization-aware distillation hyperparameters.
+
+    The loss is `logit_weight * soft cross-entropy(teacher, student)` (padding masked)
+    `+ hidden_weight * sum of per-layer hidden-state MSE` (each divided by the teacher's mean
+    square at that layer when `normalize_hidden`)
+    `+ attention_weight * sum of per-layer attention-probability MSE`
+    `+ label_weight * cross-entropy on the labels`.
+    """
+
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 128
+    lr: float = 2.5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    logit_weight: float = 1.0
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    label_weight: float = 0.0
+    temperature: float = 1.0
+    # Llama-family residual streams grow to norms in the thousands in the last layers, so a plain
+    # MSE is dominated by them and swamps the logit loss; dividing by the teacher's mean square
+    # makes every layer count alike. False gives the reference code's plain MSE.
+    normalize_hidden: bool = True
+    eval_every: int = 50
+    eval_batches: int = 8
+    calibration_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"invalid --{name.replace('_', '-')} {value}: expected an integer of at least 1")
+        non_negative = {
+            "steps": self.steps,
+            "eval_every": self.eval_every,
+            "eval_batches": self.eval_batches,
+            "calibration_batches": self.calibration_batches,
+            "logit_weight": self.logit_weight,
+            "hidden_weight": self.hidden_weight,
+            "attention_weight": self.attention_weight,
+            "label_weight": self.label_weight,
+            "weight_decay": self.weight_decay,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"invalid --{name.replace('_', '-')} {value}: expected a value of at least 0")
+        if not self.lr > 0:
+            raise ValueError(f"invalid --lr {self.lr}: expected a positive learning rate")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"invalid --warmup-ratio {self.warmup_ratio}: expected a value in [0, 1)")
+        if not self.temperature > 0:
+            raise ValueError(f"invalid --temperature {self.temperature}: expected a positive value")
+
+
+@dataclasses.dataclass
+class CompressSettings:
+    """Everything a compression run needs besides the model itself.
+
+    Args:
+        model: hub id, local `save_pretrained` directory, or `.gguf` file.
+        output: export directory.
+        data: training data (file or directory); None uses the corpus shipped with tbquant.
+        eval_data: validation data; None holds out part of `data`.
+        overwrite: replace a non-empty `output`.
+        trust_remote_code: allow a checkpoint's own Python code to run (off by default).
+    """
+
+    model: str
+    output: Path
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    distill: DistillSettings = dataclasses.field(default_factory=DistillSettings)
+    data: Path | None = None
+    eval_data: Path | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None

@@ -1,0 +1,83 @@
+"""The export format: a `save_pretrained`-style directory with packed weights.
+
+- `config.json`: the model's config with a `quantization_config` whose `quant_method` is
+  "tbquant" (`build_quantization_config` lists its fields);
+- `model.safetensors`: packed codes (`<module>.weight_packed`, uint8), per-row scales
+  (`<module>.weight_scale`) and offsets (`<module>.weight_offset`, only for centred weights),
+  learned activation scales (`<quantizer>.alpha`, float32), quantizer flags (bool) and every
+  full-precision tensor in `fp_dtype`. Tensors shared by several modules (tied embeddings) are
+  stored once; `quantization_config["tied"]` maps each other name to the stored one;
+- tokenizer files, `generation_config.json`, `README.md` (model card) and `training_log.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tbquant import __version__
+from tbquant.config import QuantizationConfig
+from tbquant.nn.convert import ConversionReport, layout_for
+from tbquant.pipeline.settings import Task
+from tbquant.quantizers.weight import storage_dtype
+
+QUANT_METHOD = "tbquant"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+def build_quantization_config(config: QuantizationConfig, task: Task, conversion: ConversionReport, tied: dict[str, str]) -> dict[str, Any]:
+    """Return the `quantization_config` entry of an export's `config.json`.
+
+    Fields: `quant_method`, `format_version`, `tbquant_version`, `task`, `layout` (packing
+    layout of all quantized weights), the `QuantizationConfig` fields (`weights`,
+    `activations`, `embeddings`, `head`, `keep_full_precision`, `fp_dtype`),
+    `quantized_modules`, `attention_modules` (modules whose q/k/v and probabilities are
+    quantized), `untied` (input embedding and head untied by tbquant) and `tied`.
+    """
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "tbquant_version": __version__,
+        "task": task.value,
+        "layout": layout_for(config).value,
+        **config.to_dict(),
+        "quantized_modules": conversion.quantized,
+        "attention_modules": conversion.attention,
+        "untied": conversion.untied,
+        "tied": tied,
+    }
+
+
+def export_state_dict(model: nn.Module, fp_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Collect the tensors to save: shared tensors once, floats cast to `fp_dtype`.
+
+    Returns the tensors by name and the map from each dropped duplicate name to the kept one.
+    """
+    dtype = storage_dtype(fp_dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        if tensor.dtype == torch.float32 and not name.endswith(".alpha"):
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors, tied
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

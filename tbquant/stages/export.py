@@ -1,0 +1,139 @@
+"""Export stage: write the packed model as a `save_pretrained`-style directory.
+
+Everything is written into a temporary sibling directory that is renamed into place at the end,
+so an interrupted export never leaves a half-written model where a user would load it. An
+existing output is replaced only with `overwrite`, and only after the new export is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tbquant.errors import ExportError, TbquantError
+from tbquant.model_card import public_name, render_model_card
+from tbquant.nn.attention import ATTENTION_IMPLEMENTATION
+from tbquant.nn.embedding import PackedEmbedding
+from tbquant.nn.linear import PackedLinear
+from tbquant.pipeline.registry import register_stage
+from tbquant.pipeline.state import PipelineState
+from tbquant.serialization import WEIGHTS_NAME, build_quantization_config, export_state_dict, save_weights, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Reject an output path that cannot receive an export, before any work is done.
+
+    Raises:
+        ExportError: if `output` is a file, a non-empty directory without `overwrite`, or its
+            parent directory is not writable.
+    """
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} is a file: pass a directory path with --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {output} exists and is not empty: pass --overwrite to replace it, or choose another --output")
+    parent = output.resolve().parent
+    if not parent.exists():
+        raise ExportError(f"parent directory {parent} of output {output} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write to {parent}: choose an --output in a writable directory")
+
+
+def _save_config(state: PipelineState, directory: Path, tied: dict[str, str]) -> None:
+    config = copy.deepcopy(state.model.config)
+    config.quantization_config = build_quantization_config(state.settings.quantization, state.task, state.conversion, tied)
+    if getattr(config, "_attn_implementation", None) == ATTENTION_IMPLEMENTATION:
+        config._attn_implementation = None
+    config.save_pretrained(directory)
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the staging directory and its files the permissions of a normally created directory
+    (`mkdtemp` makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _replace_directory(staging: Path, output: Path) -> None:
+    """Move `staging` to `output`; an existing `output` is removed only after the move succeeded."""
+    backup = None
+    if output.exists():
+        backup = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(backup)
+    try:
+        staging.rename(output)
+    except OSError:
+        if backup is not None:
+            backup.rename(output)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@register_stage
+class ExportStage:
+    """Write config, packed weights, tokenizer, generation config, model card and training log."""
+
+    name = "export"
+
+    def run(self, state: PipelineState) -> None:
+        model = state.model
+        if not any(isinstance(module, (PackedLinear, PackedEmbedding)) for module in model.modules()):
+            raise TbquantError("the export stage needs a packed model: run the pack stage before export")
+        output = Path(state.settings.output)
+        check_output(output, state.settings.overwrite)
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.resolve().parent))
+        try:
+            tensors, tied = export_state_dict(model, state.settings.quantization.fp_dtype)
+            save_weights(tensors, staging / WEIGHTS_NAME)
+            _save_config(state, staging, tied)
+            if state.tokenizer is not None:
+                state.tokenizer.save_pretrained(staging)
+            generation_config = getattr(model, "generation_config", None)
+            if generation_config is not None and state.task.value != "encoder":
+                generation_config.save_pretrained(staging)
+
+            weights_bytes = (staging / WEIGHTS_NAME).stat().st_size
+            state.info["export_weights_bytes"] = weights_bytes
+            state.info["fp32_bytes"] = 4 * state.info.get("parameters", 0)
+            write_json(
+                staging / "training_log.json",
+                {
+                    "settings": _settings_record(state),
+                    "metrics": state.metrics,
+                    "info": state.info,
+                    "history": state.history,
+                    "calibration": state.calibration,
+                },
+            )
+            (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
+            _apply_umask(staging)
+            _replace_directory(staging, output)
+        except OSError as error:
+            raise ExportError(f"writing the export to {output} failed: {error.strerror or error}") from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+        state.info["output"] = str(output)
+        logger.info("Exported to %s (%.1f MB of weights)", output, weights_bytes / 1e6)
+
+
+def _settings_record(state: PipelineState) -> dict:
+    settings = state.settings
+    return {
+        "model": public_name(settings.model),
+        "quantization": settings.quantization.to_dict(),
+        "distill": dataclasses.asdict(settings.distill),
+        "data": public_name(state.info.get("data")),
+    }
