@@ -67,6 +67,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_to
     config = AutoConfig.from_pretrained(path)
     model_config = copy.deepcopy(config)
     del model_config.quantization_config
+    if quantization.get("untied"):
+        # The export unties a tied head from a quantized embedding and stores
+        # tie_word_embeddings=False. Building with False would also untie the embeddings that
+        # stay tied (a seq2seq model's encoder and decoder tables), so the model is built tied
+        # and the skeleton unties the head again, as compression did.
+        model_config.tie_word_embeddings = True
     cls = AUTO_CLASSES.get(task) or auto_class(task, model_config)
     model = cls.from_config(model_config, dtype=torch.float32)
 

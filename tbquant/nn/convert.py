@@ -24,15 +24,16 @@ from torch import nn
 
 from tbquant import packing
 from tbquant.config import ModulePolicy, QuantizationConfig
+from tbquant.errors import TbquantError
 from tbquant.nn.attention import AttentionQuantizers, is_attention_module, set_attention_implementation
 from tbquant.nn.embedding import PackedEmbedding, QuantEmbedding
-from tbquant.nn.linear import PackedLinear, QuantLinear, is_linear, linear_weight
+from tbquant.nn.linear import PackedLinear, QuantLinear, is_linear
 from tbquant.quantizers.activation import ActivationQuantizer
 
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What a conversion changed, by qualified module name."""
+    """Record of the modules that a conversion changed, by qualified name."""
 
     linear: list[str] = dataclasses.field(default_factory=list)
     embeddings: list[str] = dataclasses.field(default_factory=list)
@@ -114,11 +115,12 @@ def _replace(model: nn.Module, config: QuantizationConfig, packed: bool) -> Conv
     bits = config.activations.bits
     layout = layout_for(config)
 
-    # Modules that share one weight (tied embeddings) share one replacement module.
-    replacements: dict[int, nn.Module] = {}
+    # Modules of one kind that share one weight (tied embeddings) share one replacement module.
+    # The keys hold the kind, because a tied head and embedding are quantized as two modules.
+    replacements: dict[tuple[str, int], nn.Module] = {}
     for name in linear:
         module = model.get_submodule(name)
-        key = id(linear_weight(module)) if not packed else id(module.weight)
+        key = ("linear", id(module.weight))
         if key not in replacements:
             if packed:
                 replacements[key] = PackedLinear(
@@ -136,7 +138,7 @@ def _replace(model: nn.Module, config: QuantizationConfig, packed: bool) -> Conv
 
     for name in embeddings:
         module = model.get_submodule(name)
-        key = id(module.weight)
+        key = ("embedding", id(module.weight))
         if key not in replacements:
             if packed:
                 replacements[key] = PackedEmbedding(
@@ -173,11 +175,11 @@ def prepare_student(model: nn.Module, config: QuantizationConfig) -> ConversionR
     """Replace the selected modules of `model` in place with fake-quantized ones.
 
     Raises:
-        ValueError: if the model has no module to quantize.
+        TbquantError: if the model has no module to quantize.
     """
     report = _replace(model, config, packed=False)
     if not report.quantized:
-        raise ValueError(
+        raise TbquantError(
             f"nothing to quantize in {type(model).__name__}: no linear layer inside repeated blocks "
             "(check --keep patterns, or use --embeddings quantize / --head quantize)"
         )

@@ -91,6 +91,13 @@ class PackedEmbedding(nn.Module):
             packed.weight_offset = offset.to(dtype)
         return packed
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 table, for code that reads `module.weight`; lookups unpack only
+        the rows they need."""
+        codes = packing.unpack(self.weight_packed, self.layout, self.embedding_dim)
+        return dequantize_weight(codes, self.weight_scale, self.weight_offset, torch.float32)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Only the looked-up rows are unpacked, so the table stays packed in memory.
         flat = input_ids.reshape(-1)

@@ -29,11 +29,6 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """Return the weight of `nn.Linear` or `Conv1D` in the `[out, in]` layout."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
-
-
 class QuantLinear(nn.Module):
     """Linear layer with fake-quantized weights and (optionally) input activations.
 
@@ -144,6 +139,12 @@ class PackedLinear(nn.Module):
             self._dequantized = dequantize_weight(self.codes(), self.weight_scale, self.weight_offset, dtype)
         return self._dequantized
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized `[out, in]` float32 weight, for code that reads `module.weight` (T5's
+        feed-forward checks its dtype); computing uses the packed buffers."""
+        return self.dequantized_weight(torch.float32)
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._dequantized = None
         super()._load_from_state_dict(*args, **kwargs)
@@ -151,8 +152,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        # NOTE: the codes are unpacked to a cached float weight on first use, so memory at
-        # inference time is that of a float model; the packed form saves disk, not RAM.
+        # NOTE: the codes are unpacked to a cached float weight on first use. Memory at inference
+        # time is therefore that of a float model: the packed form saves disk, not RAM.
         weight = self.dequantized_weight(torch.float32).to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 

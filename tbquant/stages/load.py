@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import struct
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ from tbquant.pipeline.settings import Task
 from tbquant.pipeline.state import PipelineState
 
 logger = logging.getLogger(__name__)
+
+# What reading a missing, truncated or corrupt checkpoint raises: the GGUF reader raises
+# struct.error and EOFError on truncated files.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, struct.error)
 
 AUTO_CLASSES = {
     Task.CAUSAL_LM: AutoModelForCausalLM,
@@ -106,18 +111,18 @@ def load_model_and_tokenizer(model: str, trust_remote_code: bool = False, revisi
         extra["revision"] = revision
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError, KeyError) as error:
+    except _READ_ERRORS as error:
         raise _load_error(model, error) from None
     task = detect_task(config)
     try:
         loaded = auto_class(task, config).from_pretrained(
             location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None, **extra
         )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+    except (*_READ_ERRORS, RuntimeError, SafetensorError) as error:
         raise _load_error(model, error) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError, KeyError) as error:
+    except _READ_ERRORS as error:
         raise ModelLoadError(f"cannot load the tokenizer of {model!r}: {str(error).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
