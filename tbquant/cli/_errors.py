@@ -1,14 +1,18 @@
-"""One place where failures become what the user sees: one line, no traceback."""
+"""Formatting of command-line failures: one line on stderr, no traceback."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-import click
+import typer
 from rich.console import Console
 
+from tbquant.cli._compat import exceptions
 from tbquant.errors import TbquantError
+
+# Raised after the help text when a command runs without arguments (click 8.2 and later).
+_NO_ARGS_IS_HELP = getattr(exceptions, "NoArgsIsHelpError", ())
 
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -25,17 +29,19 @@ def run_cli(app) -> int:
     """
     verbose = "--verbose" in sys.argv or "-v" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exit_:
+        app(prog_name="tbquant", standalone_mode=False)
+    except typer.Exit as exit_:
         return exit_.exit_code
-    except click.UsageError as error:
+    except _NO_ARGS_IS_HELP:
+        return 0
+    except exceptions.UsageError as error:
         hint = f" (see: tbquant {error.ctx.command_path.split(' ', 1)[1]} --help)" if error.ctx and " " in error.ctx.command_path else " (see: tbquant --help)"
         report(error.format_message().replace("\n", " ") + hint)
         return 2
-    except click.ClickException as error:
+    except exceptions.ClickException as error:
         report(error.format_message())
         return error.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         report("interrupted")
         return 130
     except TbquantError as error:
@@ -43,7 +49,7 @@ def run_cli(app) -> int:
             logging.getLogger("tbquant").exception("failure")
         report(str(error))
         return error.exit_code
-    except Exception as error:  # an unexpected failure is a bug: say so, and show it on request
+    except Exception as error:  # An unexpected failure is a bug, reported as such, with its traceback under --verbose.
         if verbose:
             error_console.print_exception()
         report(f"{type(error).__name__}: {error} (this is a bug in tbquant; rerun with --verbose for the traceback)")

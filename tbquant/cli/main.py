@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from tbquant import __version__
+from tbquant.cli._compat import ParameterSource
 from tbquant.cli._errors import run_cli
 from tbquant.config import ActivationQuantConfig, QuantizationConfig, WeightQuantConfig
 from tbquant.errors import TbquantError
@@ -40,6 +40,7 @@ def _setup_logging(verbose: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
 
 
 def _version_callback(value: bool) -> None:
@@ -80,14 +81,27 @@ _RECIPE_OPTIONS = {
 }
 
 
-def _apply_recipe(ctx: click.Context, options: dict, recipe_options: dict) -> None:
+def _apply_recipe(ctx: typer.Context, options: dict, recipe_options: dict) -> None:
     """Fill options the user did not give on the command line from the recipe's `options`."""
     for key, value in recipe_options.items():
         name = key.replace("-", "_")
         if name not in _RECIPE_OPTIONS:
             raise TbquantError(f"unknown recipe option {key!r}: use the name of a tbquant compress option, such as steps or weights")
-        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
             options[name] = value
+
+
+# Config errors name values the way the library does; the CLI names the option instead.
+_CONFIG_PHRASES = {
+    "weight scheme": "--weights",
+    "activation bits": "--acts",
+    "packing": "--packing",
+    "embedding policy": "--embeddings",
+    "head policy": "--head",
+    "full-precision dtype": "--fp-dtype",
+    "scale dtype": "--scale-dtype",
+    "module pattern": "--keep",
+}
 
 
 def build_settings(model: str, options: dict) -> CompressSettings:
@@ -122,8 +136,8 @@ def build_settings(model: str, options: dict) -> CompressSettings:
         )
     except (ValueError, TypeError) as error:
         message = str(error)
-        if message.startswith("invalid weight scheme"):
-            message = message.replace("invalid weight scheme", "invalid --weights")
+        for phrase, option in _CONFIG_PHRASES.items():
+            message = message.replace(f"invalid {phrase} ", f"invalid {option} ")
         raise TbquantError(message) from None
     output = Path(options["output"]) if options["output"] else _default_output(model, quantization.weights.scheme.value, str(acts))
     return CompressSettings(
