@@ -34,7 +34,7 @@ class Packing(str, enum.Enum):
 
 
 class ModulePolicy(str, enum.Enum):
-    """What happens to the token embedding and to the output head."""
+    """Policy for the token embedding and for the output head."""
 
     KEEP = "keep"  # stays full precision
     QUANTIZE = "quantize"  # quantized with the weight scheme, per row
@@ -56,7 +56,7 @@ def _choice(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
 
 @dataclasses.dataclass
 class WeightQuantConfig:
-    """How linear (and optionally embedding) weights are quantized.
+    """Weight quantization settings for linear (and optionally embedding) layers.
 
     Args:
         scheme: the weight quantizer (`WeightScheme`).
@@ -88,7 +88,7 @@ class WeightQuantConfig:
 
 @dataclasses.dataclass
 class ActivationQuantConfig:
-    """How activations are quantized at every quantization point.
+    """Activation quantization settings for every quantization point.
 
     Args:
         bits: 8, 4, 2 or 1, or None for full-precision activations.

@@ -41,9 +41,9 @@ class DistillSettings:
     attention_weight: float = 1.0
     label_weight: float = 0.0
     temperature: float = 1.0
-    # Llama-family residual streams grow to norms in the thousands in the last layers, so a plain
-    # MSE is dominated by them and swamps the logit loss; dividing by the teacher's mean square
-    # makes every layer count alike. False gives the reference code's plain MSE.
+    # Llama-family residual streams grow to norms in the thousands in the last layers. A plain MSE
+    # is dominated by them and swamps the logit loss, so each layer's MSE is divided by the
+    # teacher's mean square there. False gives the reference code's plain MSE.
     normalize_hidden: bool = True
     eval_every: int = 50
     eval_batches: int = 8

@@ -38,7 +38,7 @@ NON_NEGATIVE_MIN = -0.2
 
 
 class QuantPoint(str, enum.Enum):
-    """Where in the network an activation quantizer sits."""
+    """Position of an activation quantizer in the network."""
 
     INPUT = "input"  # input of a quantized linear layer
     QUERY = "query"

@@ -1,9 +1,9 @@
 """Calibrate stage: turn the student into a fake-quantized model and initialise its activation
 quantizers from real data.
 
-The student's selected modules are replaced (`tbquant.nn.prepare_student`); then a few batches
-of training data run through it with every activation quantizer passing its input through
-unchanged while recording it. Each quantizer then sets its signedness and, at 1 and 2 bits, its
+The student's selected modules are replaced (`tbquant.nn.prepare_student`). Then a few batches
+of training data run through it, and every activation quantizer records its input and passes
+it through unchanged. Each quantizer then sets its signedness and, at 1 and 2 bits, its
 initial scale from what it saw. Without this stage, learned quantizers refuse to run.
 """
 

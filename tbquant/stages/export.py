@@ -8,6 +8,7 @@ existing output is replaced only with `overwrite`, and only after the new export
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import logging
 import os
@@ -116,6 +117,8 @@ class ExportStage:
                     "calibration": state.calibration,
                 },
             )
+            if state.history:
+                _write_loss_curve(state.history, staging / "loss_history.csv")
             (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
             _apply_umask(staging)
             _replace_directory(staging, output)
@@ -127,6 +130,15 @@ class ExportStage:
 
         state.info["output"] = str(output)
         logger.info("Exported to %s (%.1f MB of weights)", output, weights_bytes / 1e6)
+
+
+def _write_loss_curve(history: list[dict], path: Path) -> None:
+    """Write the training and validation records as one CSV row per record, for plotting."""
+    columns = list(dict.fromkeys(key for record in history for key in record))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def _settings_record(state: PipelineState) -> dict:
