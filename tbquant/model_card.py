@@ -59,7 +59,7 @@ def render_model_card(state: PipelineState) -> str:
         _row("Token embedding / output head", f"{quantization.embeddings.value} / {quantization.head.value}"),
         _row("Full-precision tensors stored as", quantization.fp_dtype),
         _row("Weights file", f"{export_mb:.1f} MB (fp32 base model: {fp32_mb:.1f} MB)"),
-        _row("Distillation", f"{settings.distill.steps} steps, batch {settings.distill.batch_size} x {settings.distill.grad_accum}, "
+        _row("Distillation", "none (post-training quantization)" if "distill_seconds" not in info else f"{settings.distill.steps} steps, batch {settings.distill.batch_size} x {settings.distill.grad_accum}, "
              f"{settings.distill.max_length} tokens, lr {settings.distill.lr:g}, data: {public_name(info.get('data'))}"),
     ]
     score_rows = [_row(name.replace("_", " "), f"{value:.4g}") for name, value in sorted(metrics.items())]

@@ -29,7 +29,11 @@ def run_cli(app) -> int:
     """
     verbose = "--verbose" in sys.argv or "-v" in sys.argv[1:]
     try:
-        app(prog_name="tbquant", standalone_mode=False)
+        # Typer turns Ctrl-C into an exit code of 130, which it returns instead of raising.
+        code = app(prog_name="tbquant", standalone_mode=False)
+        if code == 130:
+            report("interrupted")
+        return code if isinstance(code, int) else 0
     except typer.Exit as exit_:
         return exit_.exit_code
     except _NO_ARGS_IS_HELP:
