@@ -21,8 +21,8 @@ def token_count(batch: dict[str, torch.Tensor], task: Task) -> int:
 def forward(model: nn.Module, batch: dict[str, torch.Tensor], task: Task, details: bool, labels: bool = True):
     """Run `model` on `batch`, asking for hidden states and attentions when `details` is set.
 
-    Without `labels`, causal models skip their label loss (a log-softmax over the vocabulary);
-    seq2seq models still receive the labels, from which they build the decoder inputs.
+    Without `labels`, causal models skip their label loss (a log-softmax over the vocabulary).
+    Seq2seq models still receive the labels, because they build the decoder inputs from them.
     """
     inputs = dict(batch)
     if task == Task.ENCODER or (task == Task.CAUSAL_LM and not labels):

@@ -39,8 +39,8 @@ from tbquant.pipeline.state import PipelineState
 
 logger = logging.getLogger(__name__)
 
-# What reading a missing, truncated or corrupt checkpoint raises: the GGUF reader raises
-# struct.error and EOFError on truncated files.
+# Exceptions raised by reading a missing, truncated or corrupt checkpoint. The GGUF reader
+# raises struct.error and EOFError on truncated files.
 _READ_ERRORS = (OSError, ValueError, KeyError, EOFError, struct.error)
 
 AUTO_CLASSES = {
