@@ -262,6 +262,10 @@ def list_stages() -> None:
     console.print(table)
 
 
+# Modules under tbquant/cli register their commands on `app` when imported.
+from tbquant.cli import inspect  # noqa: E402, F401
+
+
 def main() -> None:
     raise SystemExit(run_cli(app))
 
