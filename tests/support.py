@@ -309,14 +309,16 @@ def mean_loss(history: list[dict], first: bool, count: int = 3) -> float:
     return sum(chosen) / len(chosen)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m tbquant ARGS` in a subprocess, offline, and capture its output."""
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m tbquant ARGS` in a subprocess, offline, with `stdin` as its standard input,
+    and capture its output."""
     environment = dict(os.environ)
     # One intra-op thread, as in the test process (see conftest.py).
     environment.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "tbquant", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         env=environment,
