@@ -70,7 +70,9 @@ def export_state_dict(model: nn.Module, fp_dtype: str) -> tuple[dict[str, torch.
             tied[name] = seen[key]
             continue
         seen[key] = name
-        if tensor.dtype == torch.float32 and not name.endswith(".alpha"):
+        # Learned activation scales stay float32, and weight scales and offsets keep their own
+        # `scale_dtype`, which may be float32 while `fp_dtype` is not.
+        if tensor.dtype == torch.float32 and not name.endswith((".alpha", ".weight_scale", ".weight_offset")):
             tensor = tensor.to(dtype)
         tensors[name] = tensor.detach().contiguous().cpu()
     return tensors, tied
