@@ -24,11 +24,11 @@ from tbquant.inspection import inspect_export
 
 CASES = {
     # Tied embedding and head kept in float16, 8-bit dynamic activations.
-    "llama-ternary-a8": dict(architecture="llama"),
+    "llama-ternary-a8": {"architecture": "llama"},
     # Quantized shared embedding (so the head is untied), centred binary weights, learned 2-bit scales.
-    "bart-binary-a2": dict(architecture="bart", weights="binary", acts=2, center=True, embeddings="quantize"),
+    "bart-binary-a2": {"architecture": "bart", "weights": "binary", "acts": 2, "center": True, "embeddings": "quantize"},
     # Dense 2-bit ternary codes, the feed-forward layers kept in full precision.
-    "llama-dense-keep-mlp": dict(architecture="llama", packing="dense", keep_full_precision=[r"\.mlp\."]),
+    "llama-dense-keep-mlp": {"architecture": "llama", "packing": "dense", "keep_full_precision": [r"\.mlp\."]},
 }
 
 
@@ -104,7 +104,7 @@ def test_quantized_figures_match_pack_stage(export):
 
 
 def test_total_parameters_match_model(export):
-    name, state, export_dir = export
+    _, state, export_dir = export
     report = inspect_export(export_dir)
     # An untied head is stored as its own full-precision copy of the embedding.
     extra = state.model.get_output_embeddings().weight.numel() if state.conversion.untied else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -86,19 +86,19 @@ def generate_command(
     prompt: Annotated[str, typer.Argument(help="Prompt text (causal LM) or source text (seq2seq LM); '-' reads it from standard input.")],
     max_new_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 64,
     do_sample: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--do-sample/--greedy",
             help="Sample, or decode greedily (beam search with --num-beams) \\[default: sample when --temperature, --top-p or --top-k is set, else as generation_config.json says].",
             show_default=False,
         ),
     ] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, above 0 (turns sampling on).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: keep the smallest token set with this total probability, in (0, 1].")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample among the K most likely tokens (0 disables the filter).")] = None,
-    num_beams: Annotated[Optional[int], typer.Option(help="Beam search width (1: no beam search).")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty for tokens already present, above 0 (1.0 disables it).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed, for reproducible sampling.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature, above 0 (turns sampling on).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: keep the smallest token set with this total probability, in (0, 1].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the K most likely tokens (0 disables the filter).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (1: no beam search).")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="Penalty for tokens already present, above 0 (1.0 disables it).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user message with the tokenizer's chat template.")] = False,
     device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda or cuda:N.")] = "cpu",
     verbose: VerboseOpt = False,

@@ -263,7 +263,7 @@ def list_stages() -> None:
 
 
 # Modules under tbquant/cli register their commands on `app` when imported.
-from tbquant.cli import generate, inspect  # noqa: E402, F401
+from tbquant.cli import generate, inspect  # noqa: F401
 
 
 def main() -> None:
