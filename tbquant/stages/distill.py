@@ -124,7 +124,7 @@ class DistillationRun:
         torch.manual_seed(self.settings.seed)
         student = state.model.to(accelerator.device)
         if self.runtime.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_activation_checkpointing(student, True)
         self.teacher = state.teacher.to(accelerator.device, dtype=TORCH_DTYPES[self.runtime.teacher_dtype])
         self.parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(self.parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
@@ -218,15 +218,15 @@ class DistillationRun:
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / settings.grad_accum
 
         grad_norm = accelerator.clip_grad_norm_(self.parameters, settings.max_grad_norm)
-        bad = not (self._all_processes(finite_loss) and is_finite(grad_norm))
-        if bad and accelerator.scaler is not None and self._all_processes(finite_loss):
+        finite_loss = self._all_processes(finite_loss)
+        bad = not (finite_loss and is_finite(grad_norm))
+        if bad and finite_loss and accelerator.scaler is not None:
             # fp16: the gradient scaler skips the update on overflow and lowers its scale, which is
             # routine, not a fault.
-            self.optimizer.step()
             bad = False
-        elif not bad:
+        if not bad:
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
@@ -329,7 +329,7 @@ class DistillationRun:
         self.state.info["process_student_sha256"] = self.check_processes_agree()
         student = self.accelerator.unwrap_model(self.student)
         if self.runtime.gradient_checkpointing:
-            student.gradient_checkpointing_disable()
+            _set_activation_checkpointing(student, False)
         self.teacher.to("cpu", dtype=torch.float32)
         return student.to("cpu")
 
@@ -401,6 +401,21 @@ class DistillStage:
                     state.metrics[key.replace("eval_", "final_")] = value
         logger.info("Distilled for %d steps in %.0f s (%.2f s per step)", steps_run, elapsed, elapsed / steps_run)
         state.model.eval()
+
+
+def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn recomputation of layer activations in the backward pass on or off (non-reentrant
+    checkpointing, which works with DDP). transformers 5.x renamed the methods from
+    `gradient_checkpointing_*` to `activation_checkpointing_*`; both spellings are accepted."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _progress(enabled: bool) -> Progress:
