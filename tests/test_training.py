@@ -114,7 +114,7 @@ def test_max_bad_steps_stops(llama_data, tmp_path, nan_stage):
         tbquant.run_pipeline(settings, ["load", "calibrate", "inject-nan", "distill"])
 
     assert raised.value.exit_code == 1
-    # No update happened, so the student still holds the tensors it had before distillation.
+    # No update happened, so the student still has the tensors it had before distillation.
     after = nan_stage.model.state_dict()
     assert [name for name, tensor in nan_stage.snapshot.items() if not torch.equal(tensor, after[name])] == []
 

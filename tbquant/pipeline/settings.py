@@ -29,7 +29,7 @@ class DistillSettings:
     """
 
     steps: int = 200
-    # Sequences per process and micro-batch. One optimizer step sees
+    # Sequences per process and micro-batch. One optimizer step trains on
     # batch_size * processes * grad_accum sequences (the global batch).
     batch_size: int = 4
     grad_accum: int = 1
@@ -86,8 +86,9 @@ TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass
 class RuntimeSettings:
-    """How and where the distillation runs; none of these change what the student learns, except
-    the precision options, which change rounding.
+    """Execution options of the distillation: device, precision, memory, checkpoints and faults.
+
+    None of them changes what the student learns, except the precision options, which change rounding.
 
     Args:
         device: `auto` (CUDA when available), `cpu` or `cuda`. Under `accelerate launch` or

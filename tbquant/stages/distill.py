@@ -9,8 +9,8 @@ launch` or `torchrun`:
 
 - data: every micro-batch is a global batch of `batch_size * processes` sequences drawn in a
   seeded order; process `r` trains on its `r`-th slice. The order depends only on the seed and
-  the global batch, so one process with `--batch-size 4` sees the same data per step as two
-  with `--batch-size 2`.
+  the global batch, so one process with `--batch-size 4` trains on the same data per step as
+  two with `--batch-size 2`.
 - the student is prepared by accelerate (DDP wrapping, or FSDP and DeepSpeed from an accelerate
   config); gradients are averaged over processes at the last micro-batch of each step. The
   teacher is frozen, so it is only moved to the device, never wrapped.
@@ -23,6 +23,7 @@ launch` or `torchrun`:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import signal
@@ -48,7 +49,7 @@ from tbquant.training.runtime import REPLICATED_TYPES, TORCH_DTYPES, build_accel
 
 logger = logging.getLogger(__name__)
 
-# Distillation settings that do not change what the student learns; a resumed run may change them.
+# Distillation settings that do not change what the student learns, so a resumed run may change them.
 _RESUMABLE_SETTINGS = ("eval_every", "eval_batches")
 
 
@@ -142,6 +143,12 @@ class DistillationRun:
         elif accelerator.is_main_process and checkpoints.list_checkpoints(self.checkpoint_dir):
             # check_checkpoint_dir allowed this only with --overwrite.
             checkpoints.remove_checkpoints(self.checkpoint_dir)
+
+        self.replicated = accelerator.distributed_type in REPLICATED_TYPES
+        # FSDP and DeepSpeed shard the student in place, so the main process keeps an unsharded
+        # copy on the CPU that receives the trained tensors for pack and export.
+        # NOTE: this path is untested here: accelerate runs FSDP only on GPUs, and none was available.
+        self.export_copy = copy.deepcopy(student).to("cpu") if not self.replicated and accelerator.is_main_process else None
 
         # The scheduler is stepped here once per optimizer step, so it is not handed to accelerate,
         # whose prepared scheduler steps once per process.
@@ -279,6 +286,9 @@ class DistillationRun:
     def save(self) -> None:
         """Write a checkpoint of the current step from the main process; the others wait for it."""
         accelerator = self.accelerator
+        if not self.replicated:
+            logger.warning("No checkpoint written at step %d: checkpoints are not supported under %s", self.step, accelerator.distributed_type.value)
+            return
         rng_states = gather_object([checkpoints.capture_rng_state()])
         hashes = self.check_processes_agree()
         path = self.checkpoint_dir / checkpoints.checkpoint_name(self.step)
@@ -315,7 +325,7 @@ class DistillationRun:
         Raises:
             TrainingError: if any process's weights or activation scales differ from the others'.
         """
-        if self.processes == 1:
+        if self.processes == 1 or not self.replicated:
             return []
         hashes = gather_object([state_hash(self.accelerator.unwrap_model(self.student))])
         if len(set(hashes)) != 1:
@@ -323,15 +333,24 @@ class DistillationRun:
             raise TrainingError(f"the processes hold different students at step {self.step} (SHA-256 {short}): this is a bug in tbquant")
         return hashes
 
-    def finish(self) -> torch.nn.Module:
-        """Check that every process holds the same student and return it, unwrapped, on the CPU."""
+    def finish(self) -> torch.nn.Module | None:
+        """Check that every process has the same student and return it, unwrapped, on the CPU.
+
+        Under FSDP or DeepSpeed, the full tensors are gathered into the main process's unsharded
+        copy, and the other processes return None (they run no later stage).
+        """
         self.accelerator.wait_for_everyone()
         self.state.info["process_student_sha256"] = self.check_processes_agree()
-        student = self.accelerator.unwrap_model(self.student)
         if self.runtime.gradient_checkpointing:
-            _set_activation_checkpointing(student, False)
+            _set_activation_checkpointing(self.accelerator.unwrap_model(self.student), False)
         self.teacher.to("cpu", dtype=torch.float32)
-        return student.to("cpu")
+        if not self.replicated:
+            full_state = self.accelerator.get_state_dict(self.student)
+            if self.export_copy is None:
+                return None
+            self.export_copy.load_state_dict(full_state)
+            return self.export_copy
+        return self.accelerator.unwrap_model(self.student).to("cpu")
 
 
 @register_stage
@@ -350,8 +369,8 @@ class DistillStage:
             return
 
         run = DistillationRun(state)
-        if run.accelerator.distributed_type not in REPLICATED_TYPES and run.runtime.save_every:
-            # NOTE: checkpoints hold full tensors; FSDP and DeepSpeed shard them, which this format does not handle yet.
+        if not run.replicated and run.runtime.save_every:
+            # NOTE: checkpoints contain full tensors, and this format cannot yet gather the shards of FSDP or DeepSpeed.
             raise TbquantError(f"checkpoints are not supported under {run.accelerator.distributed_type.value}: pass --save-every 0")
         eval_batches = (
             state.eval_data.batches(settings.batch_size * run.processes, limit=settings.eval_batches)
@@ -400,13 +419,14 @@ class DistillStage:
                 if key != "step":
                     state.metrics[key.replace("eval_", "final_")] = value
         logger.info("Distilled for %d steps in %.0f s (%.2f s per step)", steps_run, elapsed, elapsed / steps_run)
-        state.model.eval()
+        if state.model is not None:
+            state.model.eval()
 
 
 def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Turn recomputation of layer activations in the backward pass on or off (non-reentrant
-    checkpointing, which works with DDP). transformers 5.x renamed the methods from
-    `gradient_checkpointing_*` to `activation_checkpointing_*`; both spellings are accepted."""
+    checkpointing, which works with DDP). transformers 5.25 deprecates `gradient_checkpointing_*`
+    in favour of `activation_checkpointing_*`, so the new methods are used where they exist."""
     if hasattr(model, "activation_checkpointing_enable"):
         if enabled:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

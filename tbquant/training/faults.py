@@ -14,8 +14,8 @@ from tbquant.quantizers.activation import ActivationQuantizer
 logger = logging.getLogger(__name__)
 
 # A learned activation scale (LSQ alpha) is reported when it leaves this range relative to its
-# calibrated value. Below the lower bound nearly every input lands on the clip levels (the scale
-# has collapsed); above the upper bound nearly every input rounds to zero (it has exploded).
+# calibrated value. Below the lower bound, nearly every input lands on the clip levels, so the
+# scale has collapsed. Above the upper bound, nearly every input rounds to zero, so it has exploded.
 COLLAPSE_RATIO = 1e-3
 EXPLOSION_RATIO = 1e3
 

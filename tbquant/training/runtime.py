@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Distributed types whose prepared model holds every parameter in full on each process, which the
+# Distributed types whose prepared model has every parameter in full on each process, which the
 # checkpoint format of `tbquant.training.checkpoints` requires.
 REPLICATED_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
@@ -41,7 +41,7 @@ def build_accelerator(runtime: RuntimeSettings) -> Accelerator:
     # Parameters that get no gradient (such as BERT's pooler, which no loss term reads) would make
     # DDP wait for them forever, so DDP searches the graph for unused ones at each step.
     ddp_options = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=runtime.mixed_precision, kwargs_handlers=[ddp_options])
+    accelerator = Accelerator(cpu=uses_cpu(runtime), mixed_precision=runtime.mixed_precision, kwargs_handlers=[ddp_options])
     logger.info(
         "Distillation runs on %s: %d process(es), %s, mixed precision %s",
         accelerator.device,
@@ -60,8 +60,7 @@ def is_main_process() -> bool:
 def init_process_state(runtime: RuntimeSettings) -> PartialState:
     """Initialise accelerate's process state (and the process group under a launcher) for `runtime`.
 
-    The process group's backend follows the device: gloo for `--device cpu`, otherwise NCCL
-    when CUDA is available. Later calls with the same settings return the same state.
+    The process group's backend follows the device: gloo on the CPU, NCCL on CUDA. Later calls with the same settings return the same state.
     """
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # configuration. A single process (a library caller running several pipelines) starts afresh;
@@ -69,4 +68,13 @@ def init_process_state(runtime: RuntimeSettings) -> PartialState:
     # NOTE: `_reset_state` is private to accelerate (checked with accelerate 1.16).
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return PartialState(cpu=runtime.device == "cpu")
+    return PartialState(cpu=uses_cpu(runtime))
+
+
+def uses_cpu(runtime: RuntimeSettings) -> bool:
+    """Return whether the run is on the CPU: `--device cpu`, or `auto` on a machine without CUDA.
+
+    accelerate needs its `cpu` flag here: without CUDA and without the flag, it treats each
+    launched process as a separate single-process run.
+    """
+    return runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
