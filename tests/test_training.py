@@ -14,7 +14,7 @@ from tbquant.pipeline.settings import RuntimeSettings
 from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.training.faults import ScaleMonitor, TrainingError
 
-from support import compress_settings, write_training_data
+from support import compress_settings, run_cli, write_training_data
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,25 @@ def test_scale_monitor_reports_layers(llama_data, tmp_path):
     ]
     assert all(record["step"] == 7 for record in found)
     assert monitor.check(step=8) == []
+
+
+def test_diverging_run_exit_code(llama_data, tmp_path):
+    model_dir, train, _ = llama_data
+    checkpoints = tmp_path / "checkpoints"
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text("stages: [load, calibrate, distill]\n", encoding="utf-8")
+
+    # At a learning rate of 1e30 the first update makes the weights overflow in the next forward pass.
+    result = run_cli(
+        "compress", str(model_dir), "--recipe", str(recipe), "--data", str(train), "--max-length", "32",
+        "--batch-size", "2", "--steps", "20", "--lr", "1e30", "--warmup-ratio", "0", "--max-bad-steps", "2",
+        "--save-every", "1", "--checkpoint-dir", str(checkpoints), "--eval-batches", "0", "--calibration-batches", "1",
+    )  # fmt: skip
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1
+    assert "stopped at step 3" in errors[0]
+    assert f"last good checkpoint: {checkpoints / 'step-000001'}" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-000001"]

@@ -400,7 +400,9 @@ class DistillStage:
 
                 stop = run.stop_requested(interrupt)
                 every = run.runtime.save_every
-                if stop or (every and (step % every == 0 or step == settings.steps)):
+                # A skipped step gets no periodic checkpoint, so the last one precedes the fault.
+                periodic = every and (step % every == 0 or step == settings.steps) and not record.get("skipped")
+                if stop or periodic:
                     run.save()
                 if stop:
                     raise KeyboardInterrupt
