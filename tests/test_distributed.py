@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,3 +116,20 @@ def test_two_processes_export_once(setup, tmp_path):
     assert len(set(log["info"]["process_student_sha256"])) == 1
     assert result.stdout.count("before and after") == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_two_processes_resume_identical(setup, tmp_path):
+    full = tmp_path / "full"
+    result = launch_two_processes("torchrun", compress_options(setup, full, "--save-every", "2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # A run stopped after step 2 leaves the checkpoint of step 2 as its latest one.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "step-000002", stopped / "step-000002")
+    resumed = launch_two_processes("torchrun", compress_options(setup, stopped, "--save-every", "2", "--resume"))
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    expected = load_file(full / f"step-{STEPS:06d}" / "student.safetensors")
+    actual = load_file(stopped / f"step-{STEPS:06d}" / "student.safetensors")
+    assert [name for name in expected if not torch.equal(expected[name], actual[name])] == []
