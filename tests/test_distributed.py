@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
-from support import corpus_words, run_cli, write_text_blocks
+from support import run_cli, write_distill_setup
 
 STEPS = 4
 TOLERANCE = 1e-6
@@ -30,13 +29,7 @@ TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    model_dir = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("distributed")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    train = write_text_blocks(folder / "train.txt", tokenizer, corpus_words(), blocks=8)
-    recipe = folder / "distill.yaml"
-    recipe.write_text("stages: [load, calibrate, distill]\n", encoding="utf-8")
-    return {"model": model_dir, "train": train, "recipe": recipe, "folder": folder}
+    return write_distill_setup(tiny_model("llama"), tmp_path_factory.mktemp("distributed"))
 
 
 def compress_options(setup: dict[str, Path], checkpoints: Path, *extra: str) -> list[str]:

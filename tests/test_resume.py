@@ -13,24 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import corpus_words, run_cli, write_text_blocks
-
-import transformers
-
-# Distillation only, so that the checkpoints stay after the run (an export removes them).
-DISTILL_ONLY = "stages: [load, calibrate, distill]\n"
-
+from support import run_cli, write_distill_setup
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Return the tiny Llama, a training file of 8 sequences and a distill-only recipe."""
-    model_dir = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("resume")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    train = write_text_blocks(folder / "train.txt", tokenizer, corpus_words(), blocks=8)
-    recipe = folder / "distill.yaml"
-    recipe.write_text(DISTILL_ONLY, encoding="utf-8")
-    return {"model": model_dir, "train": train, "recipe": recipe}
+    return write_distill_setup(tiny_model("llama"), tmp_path_factory.mktemp("resume"))
 
 
 def options(setup: dict[str, Path], checkpoints: Path, steps: int, *extra: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -62,9 +63,9 @@ class _NanInjection:
     """A stage that makes the student's first decoder layer output NaN on chosen forward calls."""
 
     name = "inject-nan"
-    calls: set[int] = set()
-    snapshot: dict[str, torch.Tensor] = {}
-    model: torch.nn.Module | None = None
+    calls: ClassVar[set[int]] = set()
+    snapshot: ClassVar[dict[str, torch.Tensor]] = {}
+    model: ClassVar[torch.nn.Module | None] = None
 
     def run(self, state) -> None:
         counter = {"calls": 0}
