@@ -18,13 +18,18 @@ def token_count(batch: dict[str, torch.Tensor], task: Task) -> int:
     return int((labels != -100).sum())
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Return `batch` with every tensor on `device` (the same tensors when they are already there)."""
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def forward(model: nn.Module, batch: dict[str, torch.Tensor], task: Task, details: bool, labels: bool = True):
     """Run `model` on `batch`, asking for hidden states and attentions when `details` is set.
 
     Without `labels`, causal models skip their label loss (a log-softmax over the vocabulary).
     Seq2seq models still receive the labels, because they build the decoder inputs from them.
     """
-    inputs = dict(batch)
+    inputs = to_device(batch, next(model.parameters()).device)
     if task == Task.ENCODER or (task == Task.CAUSAL_LM and not labels):
         inputs.pop("labels", None)
     return model(**inputs, output_hidden_states=details, output_attentions=details, return_dict=True)
@@ -46,7 +51,9 @@ def evaluate(
     model.eval()
     total_nll, total_tokens, distill_total = 0.0, 0, 0.0
     details = teacher is not None and settings is not None and (settings.hidden_weight > 0 or settings.attention_weight > 0)
+    device = next(model.parameters()).device
     for batch in batches:
+        batch = to_device(batch, device)
         outputs = forward(model, batch, task, details)
         if task != Task.ENCODER and outputs.loss is not None:
             tokens = token_count(batch, task)

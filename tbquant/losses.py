@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tbquant.pipeline.settings import DistillSettings, Task
 
@@ -24,13 +25,49 @@ class LossTerms:
     parts: dict[str, float]
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over unmasked positions of `-sum_v p_teacher(v) * log p_student(v)` at `temperature`."""
+def _soft_cross_entropy_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over positions of `weights * -sum_v p_teacher(v) * log p_student(v)`."""
     teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     per_position = -(teacher_probs * student_log_probs).sum(dim=-1)
-    weights = mask.to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp_min(1)
+    return (per_position * weights).sum()
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """Mean over unmasked positions of `-sum_v p_teacher(v) * log p_student(v)` at `temperature`.
+
+    With `chunk_size > 0`, the positions are processed `chunk_size` at a time, and each chunk's
+    float32 softmax intermediates are recomputed in the backward pass instead of being kept
+    (activation checkpointing). Peak memory then grows with `chunk_size * vocabulary` instead of
+    `positions * vocabulary`; the result is the same up to float summation order.
+    """
+    weights = mask.to(torch.float32)
+    count = weights.sum().clamp_min(1)
+    if chunk_size <= 0:
+        return _soft_cross_entropy_sum(student_logits, teacher_logits, weights, temperature) / count
+
+    vocabulary = student_logits.shape[-1]
+    student_flat = student_logits.reshape(-1, vocabulary)
+    teacher_flat = teacher_logits.reshape(-1, vocabulary)
+    weights_flat = weights.reshape(-1)
+    total = torch.zeros((), device=student_logits.device)
+    for start in range(0, student_flat.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(
+            _soft_cross_entropy_sum,
+            student_flat[chunk],
+            teacher_flat[chunk],
+            weights_flat[chunk],
+            temperature,
+            use_reentrant=False,
+        )
+    return total / count
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -73,14 +110,26 @@ def logits_mask(task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["attention_mask"].bool()
 
 
-def distillation_loss(student_outputs, teacher_outputs, batch: dict[str, torch.Tensor], task: Task, settings: DistillSettings) -> LossTerms:
-    """Combine the distillation terms that have a non-zero weight."""
+def distillation_loss(
+    student_outputs,
+    teacher_outputs,
+    batch: dict[str, torch.Tensor],
+    task: Task,
+    settings: DistillSettings,
+    logit_chunk_size: int = 0,
+) -> LossTerms:
+    """Combine the distillation terms that have a non-zero weight.
+
+    `logit_chunk_size` computes the soft cross-entropy in chunks of positions (see `soft_cross_entropy`).
+    """
     total = torch.zeros((), device=batch["input_ids"].device)
     parts: dict[str, float] = {}
 
     student_logits = getattr(student_outputs, "logits", None)
     if settings.logit_weight > 0 and student_logits is not None:
-        loss = soft_cross_entropy(student_logits, teacher_outputs.logits, logits_mask(task, batch), settings.temperature)
+        loss = soft_cross_entropy(
+            student_logits, teacher_outputs.logits, logits_mask(task, batch), settings.temperature, logit_chunk_size
+        )
         total = total + settings.logit_weight * loss
         parts["logits"] = loss.item()
     elif student_logits is None and settings.logit_weight > 0:

@@ -246,6 +246,16 @@ def write_training_data(folder: Path, model_dir: Path, task: str) -> tuple[Path,
     return train, valid
 
 
+def write_distill_setup(model_dir: Path, folder: Path) -> dict[str, Path]:
+    """Write a training file of 8 sequences for `model_dir` and a recipe that stops after the
+    distill stage, so that a run's checkpoints stay (an export removes them)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    train = write_text_blocks(folder / "train.txt", tokenizer, corpus_words(), blocks=8)
+    recipe = folder / "distill.yaml"
+    recipe.write_text("stages: [load, calibrate, distill]\n", encoding="utf-8")
+    return {"model": model_dir, "train": train, "recipe": recipe, "folder": folder}
+
+
 def compress_settings(
     model_dir: Path,
     output: Path,

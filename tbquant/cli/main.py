@@ -16,7 +16,22 @@ from tbquant.cli._compat import ParameterSource
 from tbquant.cli._errors import run_cli
 from tbquant.config import ActivationQuantConfig, QuantizationConfig, WeightQuantConfig
 from tbquant.errors import TbquantError
-from tbquant.pipeline.settings import CompressSettings, DistillSettings
+from tbquant.cli._runtime_options import (
+    RUNTIME_OPTIONS,
+    CheckpointDirOpt,
+    DeviceOpt,
+    GradientCheckpointingOpt,
+    KeepCheckpointsOpt,
+    LogitChunkSizeOpt,
+    MaxBadStepsOpt,
+    MixedPrecisionOpt,
+    ResumeOpt,
+    SaveEveryOpt,
+    TeacherDtypeOpt,
+    is_main_process,
+    worker_log_level,
+)
+from tbquant.pipeline.settings import CompressSettings, DistillSettings, RuntimeSettings
 
 app = typer.Typer(
     name="tbquant",
@@ -32,7 +47,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lo
 
 
 def _setup_logging(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+    level = worker_log_level() or (logging.DEBUG if verbose else logging.INFO)
     handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=True, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("tbquant").setLevel(level)
@@ -78,6 +93,7 @@ _RECIPE_OPTIONS = {
     "quantize_attention", "data", "eval_data", "steps", "batch_size", "grad_accum", "max_length", "lr", "weight_decay",
     "warmup_ratio", "max_grad_norm", "seed", "eval_every", "eval_batches", "calibration_batches", "logit_weight",
     "hidden_weight", "attention_weight", "label_weight", "temperature", "normalize_hidden", "output", "overwrite",
+    *RUNTIME_OPTIONS,
 }
 
 
@@ -127,6 +143,7 @@ def build_settings(model: str, options: dict) -> CompressSettings:
             keep_full_precision=list(options["keep"] or []),
             fp_dtype=options["fp_dtype"],
         )
+        runtime = RuntimeSettings(**{name: options[name] for name in RUNTIME_OPTIONS})
         distill = DistillSettings(
             **{name: options[name] for name in (
                 "steps", "batch_size", "grad_accum", "max_length", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
@@ -150,6 +167,7 @@ def build_settings(model: str, options: dict) -> CompressSettings:
         overwrite=options["overwrite"],
         trust_remote_code=options["trust_remote_code"],
         revision=options["revision"],
+        runtime=runtime,
     )
 
 
@@ -228,6 +246,16 @@ def compress(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output directory.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    device: DeviceOpt = "auto",
+    mixed_precision: MixedPrecisionOpt = None,
+    teacher_dtype: TeacherDtypeOpt = "float32",
+    gradient_checkpointing: GradientCheckpointingOpt = False,
+    logit_chunk_size: LogitChunkSizeOpt = 0,
+    save_every: SaveEveryOpt = 100,
+    keep_checkpoints: KeepCheckpointsOpt = 2,
+    checkpoint_dir: CheckpointDirOpt = None,
+    resume: ResumeOpt = False,
+    max_bad_steps: MaxBadStepsOpt = 10,
     verbose: VerboseOpt = False,
 ) -> None:
     """Quantize a model to ternary or binary weights, distill it from the original, and export it packed."""
@@ -245,7 +273,8 @@ def compress(
     from tbquant.pipeline.runner import run_pipeline
 
     state = run_pipeline(settings, stages)
-    _print_summary(state)
+    if is_main_process():
+        _print_summary(state)
 
 
 @app.command("stages")

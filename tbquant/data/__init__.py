@@ -240,6 +240,13 @@ class TokenizedData:
 
     def shuffled_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches forever, reshuffling the items at each epoch with a seeded generator."""
+        for indices in self.shuffled_indices(batch_size, seed):
+            yield self.collate([self.items[index] for index in indices])
+
+    def shuffled_indices(self, batch_size: int, seed: int) -> Iterator[list[int]]:
+        """Yield the item indices of each batch forever, reshuffling at each epoch with a seeded
+        generator. The sequence depends only on `batch_size` and `seed`, so a resumed run skips
+        the batches it has consumed by drawing them again without collating them."""
         generator = random.Random(seed)
         order = list(range(len(self.items)))
         while True:
@@ -248,4 +255,4 @@ class TokenizedData:
                 chunk = order[start : start + batch_size]
                 if len(chunk) < batch_size and len(order) >= batch_size:
                     continue  # drop the incomplete last batch of an epoch
-                yield self.collate([self.items[index] for index in chunk])
+                yield chunk

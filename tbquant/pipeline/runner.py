@@ -14,6 +14,8 @@ from tbquant.errors import TbquantError
 from tbquant.pipeline.registry import get_stage
 from tbquant.pipeline.settings import CompressSettings
 from tbquant.pipeline.state import PipelineState
+from tbquant.training.checkpoints import check_checkpoint_dir, remove_checkpoints
+from tbquant.training.runtime import init_process_state
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
 def run_pipeline(settings: CompressSettings, stages: list[str] | tuple[str, ...] | None = None) -> PipelineState:
     """Run `stages` (default: load, calibrate, distill, pack, export) on a fresh state.
 
-    Every stage name is resolved before the first one runs, so a typo fails at once.
+    Every stage name is resolved before the first one runs, so a typo fails at once. Under
+    `accelerate launch` or `torchrun`, every process runs the pipeline; a stage class with
+    `main_process_only = True` (pack and export) runs on the main process alone.
     """
     from tbquant.stages import DEFAULT_PIPELINE
 
@@ -63,10 +67,25 @@ def run_pipeline(settings: CompressSettings, stages: list[str] | tuple[str, ...]
         from tbquant.stages.export import check_output
 
         check_output(Path(settings.output), settings.overwrite)
+    if "distill" in names and settings.distill.steps > 0:
+        check_checkpoint_dir(settings.checkpoint_dir, settings.runtime.resume, settings.overwrite)
+
+    process = init_process_state(settings.runtime)
     state = PipelineState(settings=settings)
     for name, stage_class in zip(names, stage_classes):
+        if getattr(stage_class, "main_process_only", False) and not process.is_main_process:
+            logger.debug("Stage %s runs on the main process only", name)
+            continue
         started = time.perf_counter()
         logger.info("Stage %s", name)
         stage_class().run(state)
         state.info.setdefault("stage_seconds", {})[name] = time.perf_counter() - started
+    # Under a launcher, the other processes wait for the main one to finish writing the export.
+    process.wait_for_everyone()
+    if "export" in names and "distill" in names and process.is_main_process:
+        # A checkpoint can only continue the same run to the same number of steps, so after the
+        # export is written it has no further use.
+        removed = remove_checkpoints(settings.checkpoint_dir)
+        if removed:
+            logger.info("Removed %d checkpoint(s) in %s after the export", removed, settings.checkpoint_dir)
     return state

@@ -13,6 +13,7 @@ import logging
 from contextlib import contextmanager
 
 import torch
+from accelerate import PartialState
 from torch import nn
 
 from tbquant.evaluation import evaluate, forward
@@ -102,7 +103,10 @@ class CalibrateStage:
         if conversion.untied:
             logger.info("Untied the input embedding and the output head (only one of them is quantized)")
 
-        batches = state.train_data.batches(settings.distill.batch_size, limit=max(1, settings.distill.calibration_batches))
+        # Every process calibrates on the same global batches (sequences per optimizer step), so the
+        # initial scales do not depend on how processes and micro-batches share the work.
+        batch_size = settings.distill.batch_size * PartialState().num_processes * settings.distill.grad_accum
+        batches = state.train_data.batches(batch_size, limit=max(1, settings.distill.calibration_batches))
         state.calibration = calibrate(state.model, batches, state.task)
         tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
         if state.calibration:
@@ -118,7 +122,7 @@ class CalibrateStage:
                 logger.debug("calibration %s", record)
 
         if state.eval_data is not None and settings.distill.eval_batches > 0:
-            eval_batches = state.eval_data.batches(settings.distill.batch_size, limit=settings.distill.eval_batches)
+            eval_batches = state.eval_data.batches(batch_size, limit=settings.distill.eval_batches)
             teacher_metrics = evaluate(state.teacher, eval_batches, state.task)
             student_metrics = evaluate(state.model, eval_batches, state.task, state.teacher, settings.distill)
             for key, value in teacher_metrics.items():

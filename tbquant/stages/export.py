@@ -85,6 +85,7 @@ class ExportStage:
     """Write config, packed weights, tokenizer, generation config, model card and training log."""
 
     name = "export"
+    main_process_only = True
 
     def run(self, state: PipelineState) -> None:
         model = state.model

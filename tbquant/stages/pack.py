@@ -72,6 +72,7 @@ class PackStage:
     """Replace fake-quantized modules by packed ones and verify that the outputs do not change."""
 
     name = "pack"
+    main_process_only = True
 
     def run(self, state: PipelineState) -> None:
         if state.conversion is None:

@@ -1,0 +1,1 @@
+"""Machinery of the distillation loop: the accelerate runtime, checkpoints and numerical faults."""
