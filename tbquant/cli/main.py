@@ -262,6 +262,11 @@ def list_stages() -> None:
     console.print(table)
 
 
+from tbquant.cli.eval import EPILOG as _EVAL_EPILOG, eval_command  # noqa: E402
+
+app.command("eval", epilog=_EVAL_EPILOG)(eval_command)
+
+
 def main() -> None:
     raise SystemExit(run_cli(app))
 
