@@ -114,7 +114,7 @@ def _eval_result_key(result: dict) -> tuple:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file next to `path`, then rename it over `path`."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -154,7 +154,7 @@ def update_eval_results(export_dir: Path, results: list[dict], model_name: str) 
     try:
         eval_results = [EvalResult(**result) for result in merged.values()]
     except (TypeError, ValueError) as error:
-        raise ExportError(f"{path} holds an entry that is not an EvalResult ({error}): delete it and run tbquant eval --update-card again") from None
+        raise ExportError(f"{path} contains an entry that is not an EvalResult ({error}): delete it and run tbquant eval --update-card again") from None
 
     readme = export_dir / "README.md"
     if readme.is_file():
@@ -164,6 +164,6 @@ def update_eval_results(export_dir: Path, results: list[dict], model_name: str) 
     card.data.model_name = model_name
     card.data.eval_results = eval_results
 
-    _write_atomic(path, json.dumps(list(merged.values()), indent=2) + "\n")
-    _write_atomic(readme, str(card))
+    write_atomic(path, json.dumps(list(merged.values()), indent=2) + "\n")
+    write_atomic(readme, str(card))
     return list(merged.values())

@@ -144,6 +144,15 @@ def test_agreement_of_model_with_itself(tiny_model):
     assert report.agreement["mean_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_agreement_of_masked_lm_encoder(tiny_model):
+    model = load_for_eval(str(tiny_model("bert-mlm")))
+
+    assert choose_metrics(None, model, model, "text") == ["agreement"]
+    report = run_evaluation(model, model, paragraphs(2), ["agreement"], EvalSettings(window=32, stride=32))
+    assert report.agreement["top1_agreement"] == 100.0
+    assert report.counts["compared_positions"] > 0
+
+
 # ROUGE
 
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from tbquant import __version__
 from tbquant.data import Example, read_file
 from tbquant.errors import DataError, TbquantError
-from tbquant.model_card import _write_atomic, public_name, update_eval_results
+from tbquant.model_card import public_name, update_eval_results, write_atomic
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -103,10 +103,10 @@ def _print_table(report, model: str, teacher: str | None) -> dict[str, float]:
             row = [label, _format(student_scores[figure])]
             if teacher is not None:
                 teacher_value = report.scores["teacher"][figure]
-                kept = retention(figure, student_scores[figure], teacher_value)
-                if kept is not None:
-                    retained[figure] = kept
-                row += [_format(teacher_value), _format(kept, percent=True)]
+                share = retention(figure, student_scores[figure], teacher_value)
+                if share is not None:
+                    retained[figure] = share
+                row += [_format(teacher_value), _format(share, percent=True)]
             table.add_row(*row)
         elif figure in report.agreement:
             table.add_row(label, _format(report.agreement[figure]), *(["", ""] if teacher is not None else []))
@@ -155,7 +155,7 @@ def eval_command(
     length_penalty: Annotated[Optional[float], typer.Option(help="Beam search length penalty (exponent of the length) \\[default: 2.0 for seq2seq summarization, else 1.0].")] = None,
     no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Forbid repeating n-grams of this size (0: off) \\[default: 3 for seq2seq summarization, else 0].")] = None,
     max_source_length: Annotated[int, typer.Option(help="Source or prompt tokens kept (prompts lose their start).")] = 1024,
-    prompt_template: Annotated[Optional[str], typer.Option(help="Prompt with a {source} placeholder \\[default for decoder-only: 'Source: {source}\\nTranslation:' or 'Article: {source}\\nSummary:'].")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help="Prompt with a {source} placeholder; a typed \\n is a line break \\[default for decoder-only: 'Source: {source}\\nTranslation:' or 'Article: {source}\\nSummary:'].")] = None,
     few_shot: Annotated[int, typer.Option(help="Example pairs put before each prompt (decoder-only), taken from --few-shot-data or the start of --data.")] = 0,
     few_shot_data: Annotated[Optional[Path], typer.Option(help="File with the few-shot pairs \\[default: the first pairs of --data, which are then not evaluated].")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the tokenizer's chat template as a user message.")] = False,
@@ -183,6 +183,8 @@ def eval_command(
 
         if not is_export(Path(model).expanduser()):
             raise TbquantError(f"--update-card needs a tbquant export as MODEL, but {model} is not one: drop --update-card")
+    if json_path is not None and not json_path.parent.is_dir():
+        raise TbquantError(f"folder {json_path.parent} of --json {json_path} not found: create it or pass another path")
     examples = _read_examples(data, "--data")
     kind = data_kind(examples)
     try:
@@ -199,6 +201,8 @@ def eval_command(
     metrics = choose_metrics(metric, student, loaded_teacher, kind)
 
     generates = any(name in ("rouge", "bleu", "chrf") for name in metrics)
+    if few_shot and not generates:
+        logger.warning("--few-shot %d is ignored: it applies only to the generation metrics rouge, bleu and chrf", few_shot)
     shots, examples = _split_few_shot(examples, few_shot if generates else 0, few_shot_data)
     if few_shot and student.task != Task.CAUSAL_LM:
         raise TbquantError(f"--few-shot applies to decoder-only models, but {model} is a {student.task.value} model: drop --few-shot")
@@ -207,7 +211,7 @@ def eval_command(
     if not examples:
         raise DataError(f"no examples are left to evaluate in {data} after the --few-shot examples: pass more data")
     if generates:
-        given = {"num_beams": beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+        overrides = {"num_beams": beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                  "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
         generation_kind = "summarization" if "rouge" in metrics else "translation"
         try:
@@ -215,7 +219,7 @@ def eval_command(
                 default_generation(generation_kind, student.task),
                 batch_size=batch_size,
                 max_source_length=max_source_length,
-                **{name: value for name, value in given.items() if value is not None},
+                **{name: value for name, value in overrides.items() if value is not None},
             )
             template = prompt_template or (DEFAULT_TEMPLATES[generation_kind] if student.task == Task.CAUSAL_LM else None)
             if template is not None:
@@ -253,7 +257,7 @@ def eval_command(
             "counts": report.counts,
             "predictions": report.predictions,
         }
-        _write_atomic(json_path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(json_path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         logger.info("Wrote %s", json_path)
     if update_card:
         default_name, default_split = _dataset_name_and_split(data)

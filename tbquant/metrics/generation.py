@@ -54,7 +54,7 @@ def default_generation(kind: str, task: Task) -> GenerationSettings:
     Summarization with a sequence-to-sequence model uses BART's published CNN/DailyMail decoding
     (fairseq BART README: beam 4, length penalty 2.0, 55 to 140 tokens, no repeated trigram),
     the setting of Liu et al. (ACL 2023). Translation uses beam 4 and up to 128 tokens. Decoder-only
-    models decode greedily with a length penalty of 1, because their answers end at a line break.
+    models decode greedily with a length penalty of 1, because their outputs end at a line break.
     """
     if task == Task.CAUSAL_LM:
         return GenerationSettings(num_beams=1, max_new_tokens=128 if kind == "summarization" else 64)
@@ -65,7 +65,7 @@ def default_generation(kind: str, task: Task) -> GenerationSettings:
 
 @dataclasses.dataclass
 class PromptSettings:
-    """How a decoder-only model is prompted: template, few-shot examples and chat formatting."""
+    """Prompt format of a decoder-only model: template, few-shot examples and chat formatting."""
 
     template: str
     few_shot: list[Example] = dataclasses.field(default_factory=list)

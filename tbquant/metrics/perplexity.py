@@ -58,7 +58,7 @@ def scored_logits(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tup
     """Return the logits `[n, vocab]` of the n scored positions and their target tokens `[n]`.
 
     A causal model's logits at position t predict token t + 1, so they are shifted against the
-    labels; a sequence-to-sequence model's decoder logits line up with its labels.
+    labels. A sequence-to-sequence model's decoder logits line up with its labels.
     """
     if task == Task.CAUSAL_LM:
         logits, labels = logits[:, :-1], labels[:, 1:]

@@ -13,7 +13,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # A sentence ends at ., ! or ? (optionally followed by one closing quote or bracket) before white
 # space. NOTE: rouge-score's own splitter needs NLTK's punkt data, which is downloaded at run time,
-# so this simpler rule is used instead; abbreviations such as "Mr." also end a sentence here.
+# so this simpler rule is used instead. Abbreviations such as "Mr." also end a sentence here.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+")
 
 
