@@ -256,52 +256,63 @@ def run_evaluation(
     progress = progress or (lambda description, total: lambda steps: None)
     if teacher is not None and teacher.task != student.task:
         raise TbquantError(f"the teacher {teacher.source} is a {teacher.task.value} model but the student is a {student.task.value} model: pass a teacher of the same kind")
+    if "agreement" in metrics and teacher is None:
+        raise TbquantError("metric agreement compares the model with its teacher: pass --teacher")
     models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
-    scores: dict[str, dict[str, float]] = {role: {} for role in models}
-    agreement_scores: dict[str, float] = {}
-    counts: dict[str, int] = {"examples": len(examples)}
+    report = EvalReport(scores={role: {} for role in models}, agreement={}, counts={"examples": len(examples)}, predictions={}, generation=None)
 
-    # Perplexity and agreement: one forward pass per model and batch.
-    token_metrics = [name for name in metrics if name in ("perplexity", "agreement")]
-    if token_metrics:
-        compare = "agreement" in metrics
-        if compare and not _same_tokenizer(student, teacher):
-            raise TbquantError(f"agreement needs the same tokenizer for both models, but {student.source} and {teacher.source} differ: drop --metric agreement")
-        shared = teacher is not None and _same_tokenizer(student, teacher)
-        groups = [list(models.values())] if shared else [[loaded] for loaded in models.values()]
-        roles = [list(models)] if shared else [[role] for role in models]
-        for group, group_roles in zip(groups, roles):
-            batches = _batches(group[0], examples, settings)
-            advance = progress(f"scoring tokens ({', '.join(group_roles)})", len(batches))
-            likelihoods, agreement = _score_tokens(group, batches, compare and len(group) == 2, advance)
-            if "perplexity" in metrics:
-                for role, likelihood in zip(group_roles, likelihoods):
-                    scores[role]["perplexity"] = likelihood.perplexity
-                counts["scored_tokens"] = likelihoods[0].tokens
-            if agreement is not None:
-                agreement_scores = agreement.results()
-                counts["compared_positions"] = agreement.positions
+    if "perplexity" in metrics or "agreement" in metrics:
+        _run_token_metrics(models, examples, metrics, settings, progress, report)
+    if any(name in GENERATION_METRICS for name in metrics):
+        _run_generation_metrics(models, examples, metrics, settings, progress, report)
+    return report
 
-    # ROUGE, BLEU and chrF: generate, then score against the references.
-    predictions: dict[str, list[str]] = {}
-    generation = None
-    generation_metrics = [name for name in metrics if name in GENERATION_METRICS]
-    if generation_metrics:
-        pairs = [example for example in examples if example.is_pair]
-        kind = "summarization" if "rouge" in generation_metrics else "translation"
-        generation = settings.generation or default_generation(kind, student.task)
-        references = [example.target for example in pairs]
-        for role, loaded in models.items():
-            advance = progress(f"generating ({role})", len(pairs))
-            predictions[role] = generate(loaded.model, loaded.tokenizer, loaded.task, [example.source for example in pairs], generation, settings.prompt, advance)
-            if "rouge" in generation_metrics:
-                scores[role].update(rouge(predictions[role], references))
-            if "bleu" in generation_metrics or "chrf" in generation_metrics:
-                figures = bleu_and_chrf(predictions[role], references)
-                scores[role].update({name: value for name, value in figures.items() if name in generation_metrics})
-        counts["generated_examples"] = len(pairs)
 
-    return EvalReport(scores=scores, agreement=agreement_scores, counts=counts, predictions=predictions, generation=generation)
+def _run_token_metrics(models: dict[str, LoadedModel], examples, metrics, settings, progress, report: EvalReport) -> None:
+    """Add perplexity and agreement to `report`, with one forward pass per model and batch.
+
+    Models with the same tokenizer read the same batches in one loop. Agreement needs that.
+    """
+    compare = "agreement" in metrics
+    student, teacher = models["student"], models.get("teacher")
+    shared = teacher is not None and _same_tokenizer(student, teacher)
+    if compare and not shared:
+        raise TbquantError(f"agreement needs the same tokenizer for both models, but {student.source} and {teacher.source} differ: drop --metric agreement")
+    role_groups = [list(models)] if shared else [[role] for role in models]
+
+    for roles in role_groups:
+        group = [models[role] for role in roles]
+        batches = _batches(group[0], examples, settings)
+        advance = progress(f"scoring tokens ({', '.join(roles)})", len(batches))
+        likelihoods, agreement = _score_tokens(group, batches, compare, advance)
+        if "perplexity" in metrics:
+            for role, likelihood in zip(roles, likelihoods):
+                report.scores[role]["perplexity"] = likelihood.perplexity
+                report.counts["scored_tokens" if role == "student" else f"{role}_scored_tokens"] = likelihood.tokens
+        if agreement is not None:
+            report.agreement = agreement.results()
+            report.counts["compared_positions"] = agreement.positions
+
+
+def _run_generation_metrics(models: dict[str, LoadedModel], examples, metrics, settings, progress, report: EvalReport) -> None:
+    """Add ROUGE, BLEU and chrF to `report`: generate for every source, then score against the references."""
+    requested = [name for name in metrics if name in GENERATION_METRICS]
+    pairs = [example for example in examples if example.is_pair]
+    sources = [example.source for example in pairs]
+    references = [example.target for example in pairs]
+    kind = "summarization" if "rouge" in requested else "translation"
+    report.generation = settings.generation or default_generation(kind, models["student"].task)
+
+    for role, loaded in models.items():
+        advance = progress(f"generating ({role})", len(pairs))
+        predictions = generate(loaded.model, loaded.tokenizer, loaded.task, sources, report.generation, settings.prompt, advance)
+        report.predictions[role] = predictions
+        if "rouge" in requested:
+            report.scores[role].update(rouge(predictions, references))
+        if "bleu" in requested or "chrf" in requested:
+            figures = bleu_and_chrf(predictions, references)
+            report.scores[role].update({name: value for name, value in figures.items() if name in requested})
+    report.counts["generated_examples"] = len(pairs)
 
 
 def retention(figure: str, student: float, teacher: float) -> float | None:
