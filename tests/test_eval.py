@@ -238,6 +238,15 @@ def test_prompt_puts_examples_first():
     assert text.endswith("\n\nEnglish: In the beginning.\nSpanish:")
 
 
+def test_chat_prompt_uses_template(bpe_tokenizer):
+    prompt = PromptSettings(template="English: {source}\nSpanish:", chat=True)
+
+    text = prompt.build("In the beginning.", bpe_tokenizer)
+
+    assert "<|im_start|>user\nEnglish: In the beginning.\nSpanish:<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
 # Command line
 
 

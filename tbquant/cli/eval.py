@@ -206,6 +206,8 @@ def eval_command(
     shots, examples = _split_few_shot(examples, few_shot if generates else 0, few_shot_data)
     if few_shot and student.task != Task.CAUSAL_LM:
         raise TbquantError(f"--few-shot applies to decoder-only models, but {model} is a {student.task.value} model: drop --few-shot")
+    if chat and student.tokenizer.chat_template is None:
+        raise TbquantError(f"--chat needs a chat template, but the tokenizer of {model} has none: drop --chat")
     if limit is not None:
         examples = examples[:limit]
     if not examples:
