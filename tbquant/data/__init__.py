@@ -43,7 +43,8 @@ class Example:
     source: str | None = None
     target: str | None = None
     # Names of the source and target columns the pair was read from, such as ("article", "summary").
-    columns: tuple[str, str] | None = None
+    # They describe the file, not the content, so equality ignores them.
+    columns: tuple[str, str] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_pair(self) -> bool:
