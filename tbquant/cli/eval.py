@@ -159,7 +159,7 @@ def eval_command(
     few_shot: Annotated[int, typer.Option(help="Example pairs put before each prompt (decoder-only), taken from --few-shot-data or the start of --data.")] = 0,
     few_shot_data: Annotated[Optional[Path], typer.Option(help="File with the few-shot pairs \\[default: the first pairs of --data, which are then not evaluated].")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the tokenizer's chat template as a user message.")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the settings, model paths and tbquant version to this JSON file.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the generated texts, the settings, model paths and tbquant version to this JSON file.")] = None,
     update_card: Annotated[bool, typer.Option(help="Write the figures into MODEL's eval_results.json and model card (MODEL must be a tbquant export).")] = False,
     dataset_name: Annotated[Optional[str], typer.Option(help="Dataset name for --update-card \\[default: the data file's folder when the file is a split such as test.jsonl, else its stem].")] = None,
     dataset_split: Annotated[Optional[str], typer.Option(help="Dataset split for --update-card \\[default: the file stem when it is train, valid, validation, dev or test].")] = None,
