@@ -6,9 +6,12 @@ so no local path ends up in it.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tbquant.pipeline.state import PipelineState
 
@@ -94,3 +97,73 @@ def render_model_card(state: PipelineState) -> str:
         ]
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+EVAL_RESULTS_NAME = "eval_results.json"
+
+
+def _eval_result_key(result: dict) -> tuple:
+    """Identify a result by task, dataset, split, metric and metric arguments, so a new
+    measurement replaces an old one of the same figure."""
+    return (
+        result.get("task_type"),
+        result.get("dataset_type"),
+        result.get("dataset_split"),
+        result.get("metric_type"),
+        json.dumps(result.get("metric_args"), sort_keys=True),
+    )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def update_eval_results(export_dir: Path, results: list[dict], model_name: str) -> list[dict]:
+    """Merge `results` into the export's `eval_results.json` and refresh its card's model-index.
+
+    `eval_results.json` is a JSON list of objects whose keys are `huggingface_hub.EvalResult`
+    keyword arguments. A result replaces a stored one with the same task, dataset, split, metric
+    and metric arguments. The card (`README.md`) keeps its text and other metadata; its
+    `model-index` is rebuilt from all stored results through `ModelCardData(eval_results=...,
+    model_name=...)`. Both files are replaced atomically. Returns the stored results.
+
+    Raises:
+        ExportError: if the stored `eval_results.json` or a result is invalid.
+    """
+    from tbquant.errors import ExportError
+
+    path = export_dir / EVAL_RESULTS_NAME
+    stored: list[dict] = []
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ExportError(f"{path} is not valid JSON ({error}): delete it and run tbquant eval --update-card again") from None
+        if not isinstance(stored, list) or not all(isinstance(result, dict) for result in stored):
+            raise ExportError(f"{path} is not a JSON list of objects: delete it and run tbquant eval --update-card again")
+    merged = {_eval_result_key(result): result for result in stored}
+    merged.update({_eval_result_key(result): result for result in results})
+    try:
+        eval_results = [EvalResult(**result) for result in merged.values()]
+    except (TypeError, ValueError) as error:
+        raise ExportError(f"{path} contains an entry that is not an EvalResult ({error}): delete it and run tbquant eval --update-card again") from None
+
+    readme = export_dir / "README.md"
+    if readme.is_file():
+        card = ModelCard.load(readme)
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='tbquant').to_yaml()}\n---\n")
+    card.data.model_name = model_name
+    card.data.eval_results = eval_results
+
+    write_atomic(path, json.dumps(list(merged.values()), indent=2) + "\n")
+    write_atomic(readme, str(card))
+    return list(merged.values())

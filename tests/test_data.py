@@ -58,6 +58,7 @@ def test_jsonl_pair_columns(tmp_path, source_column, target_column):
 
     assert examples == [Example(source="a long text", target="short")]
     assert examples[0].is_pair
+    assert examples[0].columns == (source_column, target_column)
 
 
 @pytest.mark.parametrize("column", ["content", "sentence"])

@@ -293,6 +293,9 @@ def list_stages() -> None:
 
 # Modules under tbquant/cli register their commands on `app` when imported.
 from tbquant.cli import generate, inspect  # noqa: F401
+from tbquant.cli.eval import EPILOG as _EVAL_EPILOG, eval_command  # noqa: E402
+
+app.command("eval", epilog=_EVAL_EPILOG)(eval_command)
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ class Example:
     text: str | None = None
     source: str | None = None
     target: str | None = None
+    # Names of the source and target columns the pair was read from, such as ("article", "summary").
+    # They describe the file, not the content, so equality ignores them.
+    columns: tuple[str, str] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_pair(self) -> bool:
@@ -73,7 +76,7 @@ def _record_example(record: dict, path: Path, location: str) -> Example:
             source, target = record[source_column], record[target_column]
             if not isinstance(source, str) or not isinstance(target, str):
                 raise DataError(f"{path}, {location}: columns {source_column!r} and {target_column!r} must be strings")
-            return Example(source=source, target=target)
+            return Example(source=source, target=target, columns=(source_column, target_column))
     for column in TEXT_COLUMNS:
         if column in record:
             if not isinstance(record[column], str):
