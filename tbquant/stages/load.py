@@ -6,10 +6,9 @@ Sources, tried in this order:
 - a local directory in `save_pretrained` layout;
 - a hub id: resolved by huggingface_hub's cache (with `HF_HUB_OFFLINE=1`, only the cache).
 
-Safety: nothing in a checkpoint is executed. Safetensors weights are preferred; `.bin` files are
-read with `torch.load(weights_only=True)`, which accepts tensors and plain containers and
-rejects any other pickled object; a checkpoint's own Python code runs only with
-`trust_remote_code`.
+Safety: safetensors weights are preferred. `.bin` files are read with
+`torch.load(weights_only=True)`, which accepts tensors and plain containers and rejects any
+other pickled object. A checkpoint's own Python code runs only with `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ def check_hub_reachable(model: str, revision: str | None = None) -> None:
     Without this check, huggingface_hub retries the connection for about half a minute before
     transformers reports the model missing. The check is skipped in offline mode (transformers
     then reads the cache only), for cached models, and when a proxy is configured, because a
-    direct connection says nothing about the route through a proxy.
+    direct connection does not test the route through a proxy.
 
     Raises:
         ModelLoadError: if the hub host does not accept a TCP connection within
@@ -156,7 +155,12 @@ def _load_error(model: str, error: Exception) -> ModelLoadError:
     if model.lower().endswith(".gguf") and isinstance(error, (struct.error, EOFError)):
         # The GGUF reader runs past the end of the file and reports only buffer offsets.
         return ModelLoadError(f"GGUF file {model} is truncated or corrupt: download or convert it again")
-    if isinstance(error, OSError) and ("connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower() or "not a valid" in text.lower() or "does not appear" in text.lower()):
+    if isinstance(error, SafetensorError) or "deserializing header" in text:
+        return ModelLoadError(f"the safetensors weights of {model!r} are truncated or corrupt ({text}): download or save the model again")
+    local = Path(model).expanduser().exists()
+    if local and "is not a valid JSON file" in text:
+        return ModelLoadError(f"{Path(model) / 'config.json'} of model {model!r} is not valid JSON: the model directory is corrupt, save it again")
+    if not local and isinstance(error, OSError) and ("connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower() or "not a valid" in text.lower() or "does not appear" in text.lower()):
         return ModelLoadError(_uncached_message(model, "the hub cannot be reached"))
     return ModelLoadError(f"cannot load model {model!r}: {text}")
 
