@@ -333,3 +333,13 @@ def packed_state(model_dir: Path, train: Path, valid: Path, output: Path):
 
     settings = compress_settings(model_dir, output, train, valid, steps=0)
     return run_pipeline(settings, ["load", "calibrate", "pack"])
+
+
+class TouchOnUnpickle:
+    """An object whose unpickling calls `Path.touch(marker)`: the marker file proves execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
