@@ -2,9 +2,9 @@
 
 A directory is written under a hidden staging name next to its destination, flushed to disk
 with fsync, and renamed into place. An existing destination is first renamed aside and deleted
-only after the new directory is in place, so a kill at any moment leaves either the previous
-directory or the new one at the destination, or, for the instant between the two renames, the
-previous one under its aside name. `recover_interrupted` restores or deletes what an
+only after the new directory is in place. A kill at any moment therefore leaves the previous
+directory or the new one at the destination. For the instant between the two renames, the
+previous one sits under its aside name. `recover_interrupted` restores or deletes what an
 interrupted run left behind; the export stage calls it before it writes.
 
 Sibling names, for a destination `out`:

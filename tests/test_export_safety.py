@@ -1,8 +1,8 @@
 """Crash safety of the export: SIGKILL at each write step, a full disk, failed writes.
 
-The kill tests fork the test process after the model is packed; the child runs the real export
-stage with one step wrapped to send itself SIGKILL, so nothing after that point runs (no
-`finally`, no cleanup), as when the machine or the user kills a real run.
+The kill tests fork the test process after the model is packed. The child runs the real export
+stage with one step wrapped to send itself SIGKILL. Nothing after that point runs (no `finally`,
+no cleanup), as when the machine or the user kills a real run.
 """
 
 from __future__ import annotations
@@ -295,12 +295,12 @@ def test_failed_rename_restores_previous(state, previous_export, monkeypatch):
     output, before = previous_export
     rename = os.rename
 
-    def refuse_staging(source, destination, *args, **kwargs):
+    def fail_staging_rename(source, destination, *args, **kwargs):
         if STAGING_MARKER in Path(source).name:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         rename(source, destination, *args, **kwargs)
 
-    monkeypatch.setattr(os, "rename", refuse_staging)
+    monkeypatch.setattr(os, "rename", fail_staging_rename)
 
     with pytest.raises(ExportError, match="Input/output error"):
         export_to(state, output)

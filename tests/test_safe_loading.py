@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from support import TouchOnUnpickle
 
 import tbquant
 from tbquant.data import read_file
@@ -25,16 +26,6 @@ from tbquant.pipeline.runner import read_recipe
 from tbquant.stages.load import load_model_and_tokenizer
 
 PACKAGE = Path(tbquant.__file__).parent
-
-
-class TouchOnUnpickle:
-    """An object whose unpickling calls `Path.touch(marker)`: the marker file proves execution."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def model_without_weights(model_dir: Path, folder: Path) -> Path:

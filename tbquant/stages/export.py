@@ -99,8 +99,8 @@ class ExportStage:
             replace_directory(staging, output)
         except (OSError, SafetensorError) as error:
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-            kept = f"; {output} was left as it was" if replacing else ""
-            raise ExportError(f"writing the export to {output} failed: {reason}{kept}") from None
+            unchanged_note = f"; {output} was left as it was" if replacing else ""
+            raise ExportError(f"writing the export to {output} failed: {reason}{unchanged_note}") from None
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
