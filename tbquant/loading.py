@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
+from tbquant.integrity import verify_export
 from tbquant.nn.convert import build_packed_skeleton
 from tbquant.pipeline.settings import Task
 from tbquant.serialization import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME
@@ -50,19 +51,23 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"{weights} is not a readable safetensors file ({str(error).splitlines()[0]}): the export is corrupt") from None
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_tokenizer: bool = True):
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_tokenizer: bool = True, verify: bool = True):
     """Rebuild a quantized model from a tbquant export; returns `(model, tokenizer)`.
 
     The model has packed modules in place of the quantized ones and the same activation
-    quantizers as the student that was exported, so its outputs equal the student's.
+    quantizers as the student that was exported, so its outputs equal the student's. With
+    `verify` (the default), the weight files are first checked against the export's
+    `checksums.sha256`.
 
     Raises:
-        ExportError: if the export is missing, incomplete or corrupt.
+        ExportError: if the export is missing, incomplete or corrupt, naming the corrupt file.
     """
     from tbquant.stages.load import AUTO_CLASSES, auto_class
 
     path = Path(path).expanduser()
     quantization = read_quantization_config(path)
+    if verify:
+        verify_export(path)
     task = Task(quantization["task"])
     config = AutoConfig.from_pretrained(path)
     model_config = copy.deepcopy(config)

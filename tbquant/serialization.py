@@ -7,6 +7,7 @@
   learned activation scales (`<quantizer>.alpha`, float32), quantizer flags (bool) and every
   full-precision tensor in `fp_dtype`. Tensors shared by several modules (tied embeddings) are
   stored once; `quantization_config["tied"]` maps each other name to the stored one;
+- `checksums.sha256`: the SHA-256 digest of each weight file (`tbquant.integrity`);
 - tokenizer files, `generation_config.json`, `README.md` (model card), `training_log.json` and
   `loss_history.csv`.
 """

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+# support sets HF_HUB_OFFLINE before huggingface_hub reads it at import (transformers imports
+# huggingface_hub), so it must be imported before transformers and torch. Do not sort it below them.
+from support import ARCHITECTURES, build_wordpiece_tokenizer, smollm2_gguf  # isort: skip
+
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-
-# support sets HF_HUB_OFFLINE before transformers reads it, so it is imported first.
-from support import ARCHITECTURES, build_wordpiece_tokenizer, smollm2_gguf
 
 # The tiny models gain nothing from intra-op threads. On a 2-core machine where another process
 # used one core, torch's two spinning worker threads made each small operation about 1000 times

@@ -21,6 +21,19 @@ def report(message: str) -> None:
     error_console.print(f"[bold red]Error:[/] {message}", markup=True, emoji=False)
 
 
+def _rejected_value(error: Exception) -> object | None:
+    """Return the command-line value that Typer's type conversion rejected, if it recorded one.
+
+    Typer converts values with pydantic and chains the `ValidationError`, whose `errors()` hold
+    the input; its own message leaves the value out.
+    """
+    errors = getattr(error.__cause__, "errors", None)
+    if not callable(errors):
+        return None
+    details = errors()
+    return details[0].get("input") if details else None
+
+
 def run_cli(app) -> int:
     """Run the Typer `app` and turn failures into one-line messages and exit codes.
 
@@ -40,7 +53,11 @@ def run_cli(app) -> int:
         return 0
     except exceptions.UsageError as error:
         hint = f" (see: tbquant {error.ctx.command_path.split(' ', 1)[1]} --help)" if error.ctx and " " in error.ctx.command_path else " (see: tbquant --help)"
-        report(error.format_message().replace("\n", " ") + hint)
+        message = error.format_message().replace("\n", " ")
+        value = _rejected_value(error)
+        if value is not None:
+            message = message.replace("Invalid value for", f"Invalid value {value!r} for", 1)
+        report(message + hint)
         return 2
     except exceptions.ClickException as error:
         report(error.format_message())

@@ -20,15 +20,29 @@ from tbquant.training.runtime import init_process_state
 logger = logging.getLogger(__name__)
 
 
+def _syntax_error(error: Exception) -> str:
+    """Describe a YAML or TOML parse error in one line, with its location."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(error).splitlines()[0]
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
     """Read a YAML or TOML recipe: `stages` (a list of stage names) and `options` (compress options).
 
     Raises:
         TbquantError: if the file is missing, malformed, or has unknown keys.
     """
+    if path.is_dir():
+        raise TbquantError(f"recipe {path} is a directory: pass a .yaml, .yml or .toml file with --recipe")
     if not path.is_file():
         raise TbquantError(f"recipe file {path} not found: check the path given to --recipe")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise TbquantError(f"recipe file {path} is not valid UTF-8 (byte {error.start}): save it as UTF-8") from None
     try:
         if path.suffix.lower() == ".toml":
             recipe = tomllib.loads(text)
@@ -37,7 +51,7 @@ def read_recipe(path: Path) -> dict[str, Any]:
         else:
             raise TbquantError(f"unsupported recipe file {path}: use a .yaml, .yml or .toml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise TbquantError(f"invalid recipe file {path}: {str(error).splitlines()[0]}") from None
+        raise TbquantError(f"invalid recipe file {path}: {_syntax_error(error)}") from None
     if not isinstance(recipe, dict):
         raise TbquantError(f"invalid recipe file {path}: expected a mapping with 'stages' and 'options'")
     unknown = set(recipe) - {"stages", "options"}

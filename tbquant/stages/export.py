@@ -1,8 +1,10 @@
 """Export stage: write the packed model as a `save_pretrained`-style directory.
 
-Everything is written into a temporary sibling directory that is renamed into place at the end,
-so an interrupted export never leaves a half-written model where a user would load it. An
-existing output is replaced only with `overwrite`, and only after the new export is complete.
+Everything is written into a hidden staging directory next to the output, flushed to disk and
+renamed into place at the end (`tbquant.atomic`), so an interrupted export never leaves a
+half-written model where a user would load it. An existing output is replaced only with
+`overwrite`, and is deleted only after the new export is in place. The free disk space is
+checked against the size of the weights before anything is written.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from tbquant.atomic import check_free_space, fsync_tree, make_staging_directory, recover_interrupted, replace_directory
 from tbquant.errors import ExportError, TbquantError
+from tbquant.integrity import write_checksums
 from tbquant.model_card import public_name, render_model_card
 from tbquant.nn.attention import ATTENTION_IMPLEMENTATION
 from tbquant.nn.embedding import PackedEmbedding
@@ -27,6 +32,10 @@ from tbquant.serialization import WEIGHTS_NAME, build_quantization_config, expor
 
 logger = logging.getLogger(__name__)
 
+# Room for everything besides the weights: tokenizer files (about 3.5 MB for a 49k-token BPE
+# vocabulary), config, model card and training log, with a wide margin.
+OTHER_FILES_BYTES = 32 * 1024 * 1024
+
 
 def check_output(output: Path, overwrite: bool) -> None:
     """Reject an output path that cannot receive an export, before any work is done.
@@ -35,6 +44,7 @@ def check_output(output: Path, overwrite: bool) -> None:
         ExportError: if `output` is a file, a non-empty directory without `overwrite`, or its
             parent directory is not writable.
     """
+    recover_interrupted(output)
     if output.exists() and not output.is_dir():
         raise ExportError(f"output {output} is a file: pass a directory path with --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -64,22 +74,6 @@ def _apply_umask(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _replace_directory(staging: Path, output: Path) -> None:
-    """Move `staging` to `output`; an existing `output` is removed only after the move succeeded."""
-    backup = None
-    if output.exists():
-        backup = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(backup)
-    try:
-        staging.rename(output)
-    except OSError:
-        if backup is not None:
-            backup.rename(output)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 @register_stage
 class ExportStage:
     """Write config, packed weights, tokenizer, generation config, model card and training log."""
@@ -93,44 +87,59 @@ class ExportStage:
             raise TbquantError("the export stage needs a packed model: run the pack stage before export")
         output = Path(state.settings.output)
         check_output(output, state.settings.overwrite)
+        replacing = output.exists()
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.resolve().parent))
+        tensors, tied = export_state_dict(model, state.settings.quantization.fp_dtype)
+        needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) + OTHER_FILES_BYTES
+        check_free_space(output.resolve().parent, needed, f"the export to {output}", "free some space, or choose another --output")
+
+        staging = make_staging_directory(output)
         try:
-            tensors, tied = export_state_dict(model, state.settings.quantization.fp_dtype)
-            save_weights(tensors, staging / WEIGHTS_NAME)
-            _save_config(state, staging, tied)
-            if state.tokenizer is not None:
-                state.tokenizer.save_pretrained(staging)
-            generation_config = getattr(model, "generation_config", None)
-            if generation_config is not None and state.task.value != "encoder":
-                generation_config.save_pretrained(staging)
-
-            weights_bytes = (staging / WEIGHTS_NAME).stat().st_size
-            state.info["export_weights_bytes"] = weights_bytes
-            state.info["fp32_bytes"] = 4 * state.info.get("parameters", 0)
-            write_json(
-                staging / "training_log.json",
-                {
-                    "settings": _settings_record(state),
-                    "metrics": state.metrics,
-                    "info": state.info,
-                    "history": state.history,
-                    "calibration": state.calibration,
-                },
-            )
-            if state.history:
-                _write_loss_curve(state.history, staging / "loss_history.csv")
-            (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
-            _apply_umask(staging)
-            _replace_directory(staging, output)
-        except OSError as error:
-            raise ExportError(f"writing the export to {output} failed: {error.strerror or error}") from None
+            weights_bytes = _write_export(state, staging, tensors, tied)
+            fsync_tree(staging)
+            replace_directory(staging, output)
+        except (OSError, SafetensorError) as error:
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            unchanged_note = f"; {output} was left as it was" if replacing else ""
+            raise ExportError(f"writing the export to {output} failed: {reason}{unchanged_note}") from None
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
         state.info["output"] = str(output)
         logger.info("Exported to %s (%.1f MB of weights)", output, weights_bytes / 1e6)
+
+
+def _write_export(state: PipelineState, staging: Path, tensors: dict, tied: dict[str, str]) -> int:
+    """Write every file of the export into `staging`; returns the size of the weights file."""
+    model = state.model
+    save_weights(tensors, staging / WEIGHTS_NAME)
+    write_checksums(staging)
+    _save_config(state, staging, tied)
+    if state.tokenizer is not None:
+        state.tokenizer.save_pretrained(staging)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and state.task.value != "encoder":
+        generation_config.save_pretrained(staging)
+
+    weights_bytes = (staging / WEIGHTS_NAME).stat().st_size
+    state.info["export_weights_bytes"] = weights_bytes
+    state.info["fp32_bytes"] = 4 * state.info.get("parameters", 0)
+    write_json(
+        staging / "training_log.json",
+        {
+            "settings": _settings_record(state),
+            "metrics": state.metrics,
+            "info": state.info,
+            "history": state.history,
+            "calibration": state.calibration,
+        },
+    )
+    if state.history:
+        _write_loss_curve(state.history, staging / "loss_history.csv")
+    (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
+    _apply_umask(staging)
+    return weights_bytes
 
 
 def _write_loss_curve(history: list[dict], path: Path) -> None:

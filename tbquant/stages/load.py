@@ -6,17 +6,23 @@ Sources, tried in this order:
 - a local directory in `save_pretrained` layout;
 - a hub id: resolved by huggingface_hub's cache (with `HF_HUB_OFFLINE=1`, only the cache).
 
-Safety: safetensors weights are preferred; `.bin` files go through transformers' `weights_only`
-loading; a checkpoint's own code runs only with `trust_remote_code`.
+Safety: safetensors weights are preferred. `.bin` files are read with
+`torch.load(weights_only=True)`, which accepts tensors and plain containers and rejects any
+other pickled object. A checkpoint's own Python code runs only with `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import pickle
+import socket
 import struct
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import huggingface_hub
 import torch
 from safetensors import SafetensorError
 from transformers import (
@@ -42,6 +48,10 @@ logger = logging.getLogger(__name__)
 # Exceptions raised by reading a missing, truncated or corrupt checkpoint. The GGUF reader
 # raises struct.error and EOFError on truncated files.
 _READ_ERRORS = (OSError, ValueError, KeyError, EOFError, struct.error)
+
+# Seconds to wait for a TCP connection to the hub before reporting it unreachable.
+HUB_CONNECT_TIMEOUT = 5.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 AUTO_CLASSES = {
     Task.CAUSAL_LM: AutoModelForCausalLM,
@@ -94,19 +104,72 @@ def resolve_source(model: str) -> tuple[str, dict]:
     return model, {}
 
 
+def _uncached_message(model: str, reason: str) -> str:
+    return (
+        f"model {model!r} is not in the local Hugging Face cache and {reason}: "
+        "download it on a connected machine first (hf download), or pass a local directory or .gguf file"
+    )
+
+
+def check_hub_reachable(model: str, revision: str | None = None) -> None:
+    """Fail fast when the hub id `model` is not cached and the hub does not accept connections.
+
+    Without this check, huggingface_hub retries the connection for about half a minute before
+    transformers reports the model missing. The check is skipped in offline mode (transformers
+    then reads the cache only), for cached models, and when a proxy is configured, because a
+    direct connection does not test the route through a proxy.
+
+    Raises:
+        ModelLoadError: if the hub host does not accept a TCP connection within
+            `HUB_CONNECT_TIMEOUT` seconds.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(model, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id: transformers reports it
+        return
+    if isinstance(cached, str):
+        return
+
+    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError:
+        raise ModelLoadError(_uncached_message(model, f"the hub at {huggingface_hub.constants.ENDPOINT} cannot be reached")) from None
+
+
 def _load_error(model: str, error: Exception) -> ModelLoadError:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, OSError) and ("connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower() or "not a valid" in text.lower() or "does not appear" in text.lower()):
+    if isinstance(error, pickle.UnpicklingError):
         return ModelLoadError(
-            f"model {model!r} is not in the local Hugging Face cache and the hub cannot be reached: "
-            "download it on a connected machine first (hf download), or pass a local directory or .gguf file"
+            f"rejected the weights of {model!r}: the .bin checkpoint contains pickled objects other than tensors, "
+            "which tbquant does not execute; convert it to safetensors with code you trust"
         )
+    if "contains custom code" in text:
+        return ModelLoadError(
+            f"model {model!r} needs its own Python code to load (auto_map in its config.json), which runs only "
+            "with --trust-remote-code: pass it if you trust the code of this model"
+        )
+    if model.lower().endswith(".gguf") and isinstance(error, (struct.error, EOFError)):
+        # The GGUF reader runs past the end of the file and reports only buffer offsets.
+        return ModelLoadError(f"GGUF file {model} is truncated or corrupt: download or convert it again")
+    if isinstance(error, SafetensorError) or "deserializing header" in text:
+        return ModelLoadError(f"the safetensors weights of {model!r} are truncated or corrupt ({text}): download or save the model again")
+    local = Path(model).expanduser().exists()
+    if local and "is not a valid JSON file" in text:
+        return ModelLoadError(f"{Path(model) / 'config.json'} of model {model!r} is not valid JSON: the model directory is corrupt, save it again")
+    if not local and isinstance(error, OSError) and ("connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower() or "not a valid" in text.lower() or "does not appear" in text.lower()):
+        return ModelLoadError(_uncached_message(model, "the hub cannot be reached"))
     return ModelLoadError(f"cannot load model {model!r}: {text}")
 
 
 def load_model_and_tokenizer(model: str, trust_remote_code: bool = False, revision: str | None = None):
     """Load a full-precision model, its tokenizer and its task from any supported source."""
     location, extra = resolve_source(model)
+    if location == model and not Path(model).expanduser().exists():
+        check_hub_reachable(model, revision)
     if revision:
         extra["revision"] = revision
     try:
@@ -116,9 +179,9 @@ def load_model_and_tokenizer(model: str, trust_remote_code: bool = False, revisi
     task = detect_task(config)
     try:
         loaded = auto_class(task, config).from_pretrained(
-            location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None, **extra
+            location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None, weights_only=True, **extra
         )
-    except (*_READ_ERRORS, RuntimeError, SafetensorError) as error:
+    except (*_READ_ERRORS, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise _load_error(model, error) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
