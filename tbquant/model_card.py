@@ -1,18 +1,49 @@
-"""Model card (`README.md`) of an export, built with huggingface_hub's `ModelCard`.
+"""Model card (`README.md`) of an export, built with huggingface_hub's `ModelCard` and `ModelCardData`.
 
-The card names the base model by hub id, or by file or directory name for local checkpoints,
-so no local path ends up in it.
+The card is rendered from the files of an export directory: `config.json` (the quantization
+config), `model.safetensors` (which tensors stayed full precision, the size on disk),
+`training_log.json` (base model, data, distillation recipe, validation figures) and, when
+`tbquant eval` wrote it, `eval_results.json`. `tbquant compress` renders it into the export, and
+`tbquant push-to-hub` renders it again right before the upload, with the repository id in the
+usage example and any evaluation results added since.
+
+The base model and the data are named by hub id or by file or directory name, so no local path
+ends up in the card.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
 
-from tbquant.pipeline.state import PipelineState
+from tbquant.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+TRAINING_LOG_NAME = "training_log.json"
+# Written by `tbquant eval --update-card`: a JSON list of objects whose keys are keyword
+# arguments of huggingface_hub's `EvalResult`.
+EVAL_RESULTS_NAME = "eval_results.json"
+
+PAPER = "[Liu et al., *Binary and Ternary Natural Language Generation*, ACL 2023](https://arxiv.org/abs/2306.01841)"
 
 _PIPELINE_TAGS = {"causal-lm": "text-generation", "seq2seq-lm": "text2text-generation", "encoder": "feature-extraction"}
+_WEIGHT_FAMILIES = {"ternary": "ternary", "twn": "ternary", "absmean": "ternary", "binary": "binary", "bwn": "binary"}
+_WEIGHT_METHODS = {
+    "ternary": "statistics-based ternary weights, a = 4/3 * mean|W - mu| per output row (Liu et al., 2023)",
+    "binary": "statistics-based binary weights, a = mean|W - mu| per output row (Liu et al., 2023)",
+    "twn": "ternary weight networks (TWN): threshold 0.7 * mean|W|, one scale per row",
+    "bwn": "binary weight networks (BWN): sign(W) * mean|W|, one scale per row",
+    "absmean": "BitNet b1.58 absmean: round(W / mean|W|) clamped to [-1, 1], one scale per tensor",
+}
+# Files that hold a checkpoint's weights, for the size of the base model on disk.
+_WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def is_local(source: str) -> bool:
@@ -28,69 +59,463 @@ def public_name(source: str | None) -> str | None:
     return Path(source).expanduser().name if is_local(source) else source
 
 
-def _row(name: str, value) -> str:
-    return f"| {name} | {value} |"
+# Facts about the base model, recorded at load time in the training log
 
 
-def render_model_card(state: PipelineState) -> str:
-    """Return the model card of the run in `state` as Markdown with YAML metadata."""
-    settings = state.settings
-    quantization = settings.quantization
-    info, metrics = state.info, state.metrics
-    base = public_name(settings.model)
-    is_hub_id = not is_local(settings.model)
-    scheme = quantization.weights.scheme.value
-    acts = quantization.activations.bits or "none"
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
 
-    data = ModelCardData(
-        library_name="tbquant",
-        base_model=settings.model if is_hub_id else None,
-        pipeline_tag=_PIPELINE_TAGS.get(state.task.value),
-        tags=["tbquant", "quantization", scheme, f"w-{scheme}", f"a{acts}", info.get("model_type", "")],
+    reader = GGUFReader(path)
+    facts: dict[str, Any] = {}
+    for key, name in (("general.license", "base_license"), ("general.languages", "base_languages")):
+        field = reader.fields.get(key)
+        if field is not None:
+            value = field.contents()
+            facts[name] = value if isinstance(value, list) else str(value)
+    return facts
+
+
+def _readme_metadata(readme: Path | None) -> dict[str, Any]:
+    if readme is None or not readme.is_file():
+        return {}
+    metadata = metadata_load(readme) or {}
+    facts: dict[str, Any] = {}
+    if isinstance(metadata.get("license"), str):
+        facts["base_license"] = metadata["license"]
+    language = metadata.get("language")
+    if isinstance(language, (str, list)):
+        facts["base_languages"] = [language] if isinstance(language, str) else [str(item) for item in language]
+    return facts
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for pattern in _WEIGHT_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file())
+
+
+def read_base_model_facts(model: str, revision: str | None = None) -> dict[str, Any]:
+    """Read what the card states about a base model without downloading anything.
+
+    Returns a dict with `base_model_hub_id` (None for a local source), and where the source
+    records them `base_license`, `base_languages` (from GGUF metadata, or the `license` and
+    `language` of a checkpoint's README.md, for hub ids the cached one) and
+    `base_checkpoint_bytes` (size of the source's weight files).
+    """
+    path = Path(model).expanduser()
+    facts: dict[str, Any] = {"base_model_hub_id": None if is_local(model) else model}
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            facts.update(_gguf_metadata(path))
+            facts["base_checkpoint_bytes"] = path.stat().st_size
+        elif path.is_dir():
+            facts.update(_readme_metadata(path / "README.md"))
+            facts["base_checkpoint_bytes"] = _weights_bytes(path)
+        elif not is_local(model):
+            config = try_to_load_from_cache(model, "config.json", revision=revision)
+            readme = try_to_load_from_cache(model, "README.md", revision=revision)
+            facts.update(_readme_metadata(Path(readme) if isinstance(readme, str) else None))
+            if isinstance(config, str):
+                facts["base_checkpoint_bytes"] = _weights_bytes(Path(config).parent)
+    except (OSError, ValueError, KeyError) as error:
+        # The card then omits these facts; compression does not depend on them.
+        logger.warning("Could not read the license or size of %s: %s", public_name(model), error)
+    if not facts.get("base_checkpoint_bytes"):
+        facts.pop("base_checkpoint_bytes", None)
+    return facts
+
+
+# Facts about an export, read from its files
+
+
+@dataclasses.dataclass
+class ExportFacts:
+    """Facts about an export that the card states, read from its files.
+
+    Attributes:
+        config: `config.json` without its `quantization_config`.
+        quantization: the `quantization_config` of `config.json`.
+        log: `training_log.json`, or an empty dict when the export has none.
+        eval_results: the entries of `eval_results.json`.
+        weights_bytes: size of `model.safetensors`.
+        total_bytes: size of every file of the export.
+        full_precision: (tensor name, shape) of every full-precision weight matrix, tied aliases
+            excluded.
+        vectors: number of full-precision one-dimensional tensors (norms, biases).
+    """
+
+    config: dict[str, Any]
+    quantization: dict[str, Any]
+    log: dict[str, Any]
+    eval_results: list[EvalResult]
+    weights_bytes: int
+    total_bytes: int
+    full_precision: list[tuple[str, list[int]]]
+    vectors: int
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.log.get("info", {})
+
+    @property
+    def scheme(self) -> str:
+        return self.quantization.get("weights", {}).get("scheme", "ternary")
+
+    @property
+    def activation_bits(self) -> int | None:
+        return self.quantization.get("activations", {}).get("bits")
+
+    @property
+    def base_name(self) -> str:
+        return self.log.get("settings", {}).get("model") or self.info.get("base_model") or "unknown base model"
+
+    @property
+    def base_hub_id(self) -> str | None:
+        """The base model's hub id; exports written before it was recorded guess it from the name."""
+        if "base_model_hub_id" in self.info:
+            return self.info["base_model_hub_id"]
+        name = self.base_name
+        return name if name.count("/") == 1 and not name.lower().endswith(".gguf") else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path.name} in {path.parent.name} is not valid JSON ({error}): export the model again") from None
+
+
+def read_eval_results(directory: Path) -> list[EvalResult]:
+    """Return the evaluation results stored in `eval_results.json`, or [] when there is none.
+
+    `verify_token` is dropped: the card carries no tokens.
+
+    Raises:
+        ExportError: if the file is not a JSON list of `EvalResult` arguments.
+    """
+    path = directory / EVAL_RESULTS_NAME
+    if not path.is_file():
+        return []
+    entries = _read_json(path)
+    if not isinstance(entries, list):
+        raise ExportError(f"{EVAL_RESULTS_NAME} must contain a JSON list of evaluation results: run tbquant eval --update-card again")
+    results = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ExportError(f"entry {index} of {EVAL_RESULTS_NAME} is not a JSON object: run tbquant eval --update-card again")
+        arguments = {key: value for key, value in entry.items() if key != "verify_token"}
+        try:
+            results.append(EvalResult(**arguments))
+        except (TypeError, ValueError) as error:
+            raise ExportError(f"entry {index} of {EVAL_RESULTS_NAME} is invalid ({error}): run tbquant eval --update-card again") from None
+    return results
+
+
+def _tensor_layout(weights: Path) -> tuple[list[tuple[str, list[int]]], int]:
+    """Return the full-precision weight matrices of a packed checkpoint and its count of vectors."""
+    matrices: list[tuple[str, list[int]]] = []
+    vectors = 0
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = set(handle.keys())
+            for name in sorted(names):
+                module = name.rsplit(".", 1)[0]
+                if f"{module}.weight_packed" in names or name.endswith(".alpha"):
+                    continue
+                tensor = handle.get_slice(name)
+                if not tensor.get_dtype().startswith(("F", "BF")):
+                    continue
+                shape = list(tensor.get_shape())
+                if len(shape) >= 2:
+                    matrices.append((name, shape))
+                else:
+                    vectors += 1
+    except (SafetensorError, OSError) as error:
+        raise ExportError(f"{weights.name} in {weights.parent.name} is not a readable safetensors file ({error}): export the model again") from None
+    return matrices, vectors
+
+
+def read_export_facts(directory: str | Path) -> ExportFacts:
+    """Read the facts the model card states from the files of an export directory.
+
+    Raises:
+        ExportError: if `config.json` or the weights are missing or unreadable.
+    """
+    from tbquant.serialization import WEIGHTS_NAME
+
+    directory = Path(directory)
+    config_path, weights = directory / "config.json", directory / WEIGHTS_NAME
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise ExportError(f"{directory} has no {path.name}: it is not a complete tbquant export")
+    config = _read_json(config_path)
+    quantization = config.pop("quantization_config", None) or {}
+    log_path = directory / TRAINING_LOG_NAME
+    log = _read_json(log_path) if log_path.is_file() else {}
+    full_precision, vectors = _tensor_layout(weights)
+    return ExportFacts(
+        config=config,
+        quantization=quantization,
+        log=log if isinstance(log, dict) else {},
+        eval_results=read_eval_results(directory),
+        weights_bytes=weights.stat().st_size,
+        total_bytes=sum(path.stat().st_size for path in directory.rglob("*") if path.is_file() and path.name != "README.md"),
+        full_precision=full_precision,
+        vectors=vectors,
     )
 
-    fp32_mb = info.get("fp32_bytes", 0) / 1e6
-    export_mb = info.get("export_weights_bytes", 0) / 1e6
-    rows = [
-        _row("Base model", base),
-        _row("Weights", f"{scheme}, one scale per output row ({quantization.weights.packing.value} packing)"),
-        _row("Bits per quantized weight (codes + scales)", f"{info.get('bits_per_weight', 0):.3f}"),
-        _row("Activations", f"{acts} bits"),
-        _row("Token embedding / output head", f"{quantization.embeddings.value} / {quantization.head.value}"),
-        _row("Full-precision tensors stored as", quantization.fp_dtype),
-        _row("Weights file", f"{export_mb:.1f} MB (fp32 base model: {fp32_mb:.1f} MB)"),
-        _row("Distillation", "none (post-training quantization)" if "distill_seconds" not in info else f"{settings.distill.steps} steps, batch {settings.distill.batch_size} x {settings.distill.grad_accum}, "
-             f"{settings.distill.max_length} tokens, lr {settings.distill.lr:g}, data: {public_name(info.get('data'))}"),
-    ]
-    score_rows = [_row(name.replace("_", " "), f"{value:.4g}") for name, value in sorted(metrics.items())]
 
-    body = "\n".join(
-        [
+# Rendering
+
+
+def _row(*cells: Any) -> str:
+    """Return a Markdown table row; a `|` inside a cell is escaped so that it does not split the cell."""
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _activation_text(bits: int | None) -> str:
+    if bits is None:
+        return "full precision"
+    if bits <= 2:
+        return f"{bits} bit{'s' if bits > 1 else ''}, one learned scale per quantization point (LSQ gradient)"
+    return f"{bits} bits, dynamic absmax scale per token"
+
+
+def _weights_text(facts: ExportFacts) -> str:
+    weights = facts.quantization.get("weights", {})
+    info = facts.info
+    text = _WEIGHT_METHODS.get(facts.scheme, facts.scheme)
+    if _WEIGHT_FAMILIES.get(facts.scheme) == "ternary":
+        text += f"; {weights.get('packing', 'compact')} packing"
+    if weights.get("center"):
+        text += "; row mean subtracted and stored"
+    if "bits_per_weight" in info:
+        text += f"; {info['code_bits_per_weight']:.2f} bits per weight for the codes, {info['bits_per_weight']:.2f} with the {weights.get('scale_dtype', 'float16')} scales"
+    return text
+
+
+def _module_policy(facts: ExportFacts, key: str) -> str:
+    policy = facts.quantization.get(key, "keep")
+    if policy == "quantize":
+        return f"quantized ({_WEIGHT_FAMILIES.get(facts.scheme, facts.scheme)}, one scale per row)"
+    return f"full precision ({facts.quantization.get('fp_dtype', 'float16')})"
+
+
+def _quantization_section(facts: ExportFacts) -> list[str]:
+    attention = facts.quantization.get("activations", {}).get("attention", True) and facts.activation_bits is not None
+    rows = [
+        _row("Linear weights in the transformer blocks", _weights_text(facts)),
+        _row("Activations (inputs of quantized linear layers)", _activation_text(facts.activation_bits)),
+        _row("Query, key, value states and attention probabilities", _activation_text(facts.activation_bits) if attention else "full precision"),
+        _row("Token embedding", _module_policy(facts, "embeddings")),
+        _row("Output head", _module_policy(facts, "head")),
+        _row("Quantized linear layers", len(facts.quantization.get("quantized_modules", []))),
+    ]
+    return ["## Quantization", "", _row("Part", "Bit width"), _row("---", "---"), *rows, ""]
+
+
+def _full_precision_section(facts: ExportFacts, limit: int = 20) -> list[str]:
+    fp_dtype = facts.quantization.get("fp_dtype", "float16")
+    tied = facts.quantization.get("tied", {})
+    lines = ["## Modules kept in full precision", ""]
+    if facts.full_precision:
+        lines.append(f"Weight matrices stored in {fp_dtype}:")
+        lines.append("")
+        for name, shape in facts.full_precision[:limit]:
+            aliases = sorted(alias for alias, source in tied.items() if source == name)
+            shared = f" (shared with `{'`, `'.join(aliases)}`)" if aliases else ""
+            lines.append(f"- `{name.removesuffix('.weight')}`: {' x '.join(str(size) for size in shape)}{shared}")
+        if len(facts.full_precision) > limit:
+            lines.append(f"- and {len(facts.full_precision) - limit} more")
+    else:
+        lines.append("Every weight matrix is quantized.")
+    lines.append("")
+    lines.append(f"Norms, biases and other vectors ({facts.vectors} tensors) are stored in {fp_dtype}.")
+    patterns = facts.quantization.get("keep_full_precision") or []
+    if patterns:
+        lines.append(f"Modules matching {', '.join(f'`{pattern}`' for pattern in patterns)} were kept in full precision on request.")
+    lines.append("")
+    return lines
+
+
+def _size_section(facts: ExportFacts) -> list[str]:
+    info = facts.info
+    rows = [_row("This model: weights file", _megabytes(facts.weights_bytes), "")]
+    rows.append(_row("This model: all files", _megabytes(facts.total_bytes), ""))
+    if info.get("parameters"):
+        fp32 = 4 * info["parameters"]
+        rows.append(_row(f"Base model in float32 ({info['parameters'] / 1e6:.1f}M parameters)", _megabytes(fp32), f"{fp32 / facts.weights_bytes:.1f}x"))
+        rows.append(_row("Base model in float16", _megabytes(fp32 / 2), f"{fp32 / 2 / facts.weights_bytes:.1f}x"))
+    if info.get("base_checkpoint_bytes"):
+        size = info["base_checkpoint_bytes"]
+        rows.append(_row(f"Base checkpoint files ({facts.base_name})", _megabytes(size), f"{size / facts.weights_bytes:.1f}x"))
+    return ["## Size on disk", "", _row("", "Size", "Ratio to this model's weights"), _row("---", "---", "---"), *rows, ""]
+
+
+def _recipe_section(facts: ExportFacts) -> list[str]:
+    settings = facts.log.get("settings", {})
+    distill = settings.get("distill", {})
+    lines = ["## Distillation recipe", ""]
+    if not facts.log:
+        return [*lines, "Not recorded: the export has no training log.", ""]
+    if not distill.get("steps") or "distill_seconds" not in facts.info:
+        return [*lines, "None: the weights were quantized after training (post-training quantization) without distillation.", ""]
+    losses = ", ".join(
+        f"{weight:g} x {name}"
+        for name, weight in (
+            ("soft cross-entropy on logits", distill.get("logit_weight", 0)),
+            ("hidden-state MSE" + (" (normalized per layer)" if distill.get("normalize_hidden") else ""), distill.get("hidden_weight", 0)),
+            ("attention-probability MSE", distill.get("attention_weight", 0)),
+            ("cross-entropy on labels", distill.get("label_weight", 0)),
+        )
+        if weight
+    )
+    rows = [
+        _row("Teacher", f"{facts.base_name} in full precision (the student starts from the same weights)"),
+        _row("Data", settings.get("data") or facts.info.get("data") or "not recorded"),
+        _row("Steps", distill.get("steps")),
+        _row("Batch", f"{distill.get('batch_size')} sequences x {distill.get('grad_accum', 1)} accumulation steps, {distill.get('max_length')} tokens"),
+        _row("Optimizer", f"AdamW, learning rate {distill.get('lr'):g}, weight decay {distill.get('weight_decay', 0):g}, "
+             f"linear decay after {distill.get('warmup_ratio', 0):.0%} warm-up, gradient norm clipped at {distill.get('max_grad_norm', 0):g}"),
+        _row("Loss", losses or "none"),
+        _row("Temperature", f"{distill.get('temperature', 1):g}"),
+        _row("Seed", distill.get("seed", 0)),
+    ]
+    if "distill_seconds_per_step" in facts.info:
+        rows.append(_row("Time per step", f"{facts.info['distill_seconds_per_step']:.2f} s"))
+    return [*lines, _row("Setting", "Value"), _row("---", "---"), *rows, ""]
+
+
+def _evaluation_section(facts: ExportFacts) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if facts.eval_results:
+        lines += [_row("Task", "Dataset", "Split", "Metric", "Value"), _row("---", "---", "---", "---", "---")]
+        for result in facts.eval_results:
+            task = result.task_name or result.task_type
+            dataset = result.dataset_name or result.dataset_type
+            metric = result.metric_name or result.metric_type
+            value = f"{result.metric_value:.4g}" if isinstance(result.metric_value, float) else result.metric_value
+            lines.append(_row(task, dataset, result.dataset_split or "", metric, value))
+        lines.append("")
+    metrics = facts.log.get("metrics", {})
+    if metrics:
+        lines += ["Validation figures measured during compression:", "", _row("Figure", "Value"), _row("---", "---")]
+        lines += [_row(name.replace("_", " "), f"{value:.4g}") for name, value in sorted(metrics.items()) if isinstance(value, (int, float))]
+        lines.append("")
+    if len(lines) == 2:
+        lines += ["No evaluation results yet: `tbquant eval --update-card` adds them.", ""]
+    return lines
+
+
+def _transformers_loads_exports() -> bool:
+    """Return whether the tbquant quantization method is registered with transformers, so that
+    its Auto classes load an export directly."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from tbquant.serialization import QUANT_METHOD
+
+    return QUANT_METHOD in AUTO_QUANTIZER_MAPPING
+
+
+def _auto_class(facts: ExportFacts) -> str:
+    task = facts.quantization.get("task")
+    if task == "causal-lm":
+        return "AutoModelForCausalLM"
+    if task == "seq2seq-lm":
+        return "AutoModelForSeq2SeqLM"
+    architectures = facts.config.get("architectures") or []
+    return "AutoModelForMaskedLM" if any(name.endswith("ForMaskedLM") for name in architectures) else "AutoModel"
+
+
+def _usage_section(facts: ExportFacts, location: str) -> list[str]:
+    lines = ["## Usage", "", "```bash", "pip install tbquant", "```", ""]
+    if _transformers_loads_exports():
+        auto_class = _auto_class(facts)
+        code = [
+            "import tbquant  # registers the tbquant quantization method with transformers",
+            f"from transformers import AutoTokenizer, {auto_class}",
             "",
-            f"# {base} ({scheme} weights, {acts}-bit activations)",
-            "",
-            "Compressed with [tbquant](https://pypi.org/project/tbquant/) by quantization-aware distillation "
-            "from the full-precision model, following Liu et al., *Binary and Ternary Natural Language "
-            "Generation* (ACL 2023). The weights are stored packed.",
-            "",
-            "| Setting | Value |",
-            "| --- | --- |",
-            *rows,
-            "",
-            "## Validation scores measured during compression",
-            "",
-            "| Figure | Value |",
-            "| --- | --- |",
-            *(score_rows or [_row("none", "no validation data")]),
-            "",
-            "## Usage",
-            "",
-            "```python",
+            f'model = {auto_class}.from_pretrained("{location}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+        ]
+    else:
+        fetch = f'snapshot_download("{location}")' if "/" in location else f'"{location}"'
+        code = [
+            *(["from huggingface_hub import snapshot_download", ""] if "/" in location else []),
             "import tbquant",
             "",
-            'model, tokenizer = tbquant.load_quantized("path/to/this/model")',
-            "```",
-            "",
+            "# A transformers model with packed ternary or binary layers, and its tokenizer",
+            f"model, tokenizer = tbquant.load_quantized({fetch})",
         ]
+    return [*lines, "```python", *code, "```", ""]
+
+
+def build_card_data(facts: ExportFacts, model_name: str) -> ModelCardData:
+    """Return the card's metadata: base model, library, tags, license, pipeline tag and model-index."""
+    family = _WEIGHT_FAMILIES.get(facts.scheme, facts.scheme)
+    tags = ["tbquant", "quantization", family]
+    if facts.scheme != family:
+        tags.append(facts.scheme)
+    if facts.config.get("model_type"):
+        tags.append(facts.config["model_type"])
+    languages = facts.info.get("base_languages")
+    return ModelCardData(
+        base_model=facts.base_hub_id,
+        library_name="tbquant",
+        license=facts.info.get("base_license"),
+        language=languages or None,
+        pipeline_tag=_PIPELINE_TAGS.get(facts.quantization.get("task", "")),
+        tags=tags,
+        model_name=model_name if facts.eval_results else None,
+        eval_results=facts.eval_results or None,
     )
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def render_model_card(directory: str | Path, location: str | None = None) -> str:
+    """Render the model card of the export in `directory` as Markdown with YAML metadata.
+
+    `location` is the Hub repository id or the export's directory name, for the title and the
+    usage example (default: the name of `directory`).
+
+    Raises:
+        ExportError: if the export's files are missing or unreadable.
+    """
+    directory = Path(directory)
+    facts = read_export_facts(directory)
+    location = location or directory.name
+    model_name = location.split("/")[-1]
+    bits = facts.activation_bits
+    family = _WEIGHT_FAMILIES.get(facts.scheme, facts.scheme)
+    version = facts.quantization.get("tbquant_version", "")
+    body = [
+        "",
+        f"# {model_name}",
+        "",
+        (
+            f"{facts.base_name} with {family} weights and {f'{bits}-bit' if bits else 'full-precision'} activations, "
+            f"compressed with [tbquant](https://pypi.org/project/tbquant/) {version} by quantization-aware distillation "
+            f"from the full-precision model, following {PAPER}. The quantized weights are stored packed: "
+            "integer codes plus one scale per output row."
+        ),
+        "",
+        "## Method",
+        "",
+        (
+            "The student starts from the base model's weights. Every linear layer in the transformer blocks gets a "
+            "weight quantizer with one scale per output row computed from the row's statistics, and its inputs get an "
+            "activation quantizer. Gradients pass the rounding through the straight-through estimator. The student is "
+            "trained to match the frozen full-precision teacher (the base model) on its logits, hidden states and "
+            "attention probabilities, then its weights are packed."
+        ),
+        "",
+        *_quantization_section(facts),
+        *_full_precision_section(facts),
+        *_size_section(facts),
+        *_recipe_section(facts),
+        *_evaluation_section(facts),
+        *_usage_section(facts, location),
+    ]
+    data = build_card_data(facts, model_name)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))

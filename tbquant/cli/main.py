@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from tbquant import __version__
+from tbquant.cli import hub
 from tbquant.cli._compat import ParameterSource
 from tbquant.cli._errors import run_cli
 from tbquant.config import ActivationQuantConfig, QuantizationConfig, WeightQuantConfig
@@ -260,6 +261,9 @@ def list_stages() -> None:
     for name, cls in available_stages().items():
         table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
     console.print(table)
+
+
+app.command("push-to-hub", epilog=hub.EXAMPLES)(hub.push_to_hub)
 
 
 def main() -> None:

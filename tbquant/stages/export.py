@@ -112,14 +112,15 @@ class ExportStage:
                 {
                     "settings": _settings_record(state),
                     "metrics": state.metrics,
-                    "info": state.info,
+                    # The data source may be a local path, and the log is published with the model.
+                    "info": {**state.info, "data": public_name(state.info.get("data"))},
                     "history": state.history,
                     "calibration": state.calibration,
                 },
             )
             if state.history:
                 _write_loss_curve(state.history, staging / "loss_history.csv")
-            (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
+            (staging / "README.md").write_text(render_model_card(staging, output.name), encoding="utf-8")
             _apply_umask(staging)
             _replace_directory(staging, output)
         except OSError as error:

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from tbquant.data import TokenizedData, load_examples
 from tbquant.errors import ModelLoadError
-from tbquant.model_card import public_name
+from tbquant.model_card import public_name, read_base_model_facts
 from tbquant.nn.attention import set_attention_implementation
 from tbquant.pipeline.registry import register_stage
 from tbquant.pipeline.settings import Task
@@ -170,5 +170,6 @@ class LoadStage:
                 "parameters": parameters,
                 "data": description,
                 "train_sequences": len(state.train_data),
+                **read_base_model_facts(settings.model, settings.revision),
             }
         )
