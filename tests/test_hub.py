@@ -21,9 +21,10 @@ from huggingface_hub import ModelCard, metadata_load
 from support import compress_settings, smollm2_gguf, write_training_data
 
 from tbquant import run_pipeline
+from tbquant.card_facts import EVAL_RESULTS_NAME, read_base_model_facts, read_eval_results
 from tbquant.errors import ExportError, HubError
 from tbquant.hub import check_export, check_repo_id, push_to_hub
-from tbquant.model_card import EVAL_RESULTS_NAME, read_base_model_facts, read_eval_results, render_model_card
+from tbquant.model_card import render_model_card
 
 TOKEN = "hf_tbquantTestToken0123456789abcdef"
 REPO_ID = "tester/tiny-llama-ternary"

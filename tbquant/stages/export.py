@@ -16,8 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tbquant.card_facts import public_name
 from tbquant.errors import ExportError, TbquantError
-from tbquant.model_card import public_name, render_model_card
+from tbquant.model_card import render_model_card
 from tbquant.nn.attention import ATTENTION_IMPLEMENTATION
 from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.linear import PackedLinear
