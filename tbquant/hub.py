@@ -51,6 +51,9 @@ CARD_NAME = "README.md"
 # Either file lets AutoTokenizer rebuild the tokenizer. save_pretrained writes both for fast tokenizers.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
+# Text files that `warn_about_local_paths` reads, up to this size each.
+_TEXT_SUFFIXES = (".json", ".csv", ".md", ".txt", ".jinja", ".yaml")
+_MAX_SCANNED_BYTES = 10_000_000
 
 
 @dataclasses.dataclass
@@ -163,6 +166,29 @@ def list_export_files(directory: Path) -> list[Path]:
     return [directory / name for name in filter_repo_objects(visible, ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
 
 
+def warn_about_local_paths(directory: Path, files: list[Path]) -> list[str]:
+    """Log a warning for each small text file that contains the export's absolute location or the
+    home directory, which would be published with the model; return the names of those files.
+
+    Exports written by tbquant 0.1.0 stored the local path of `--data` in `training_log.json`.
+    """
+    locations = {str(directory.resolve().parent)}
+    home = str(Path.home())
+    if home not in ("/", ""):
+        locations.add(home)
+    flagged = []
+    for path in files:
+        if path.suffix not in _TEXT_SUFFIXES or path.stat().st_size > _MAX_SCANNED_BYTES:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for location in sorted(locations):
+            if location in text:
+                logger.warning("%s contains the local path %s, which will be published: edit the file, or remove it from the export", path.name, location)
+                flagged.append(path.name)
+                break
+    return flagged
+
+
 def default_commit_message(directory: Path) -> str:
     quantization = json.loads((directory / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     scheme = quantization.get("weights", {}).get("scheme", "ternary")
@@ -198,11 +224,9 @@ def prepare_upload(
     check_export(directory)
 
     card = render_model_card(directory, repo_id)
-    files = [
-        UploadFile(path.relative_to(directory).as_posix(), path.stat().st_size, path)
-        for path in list_export_files(directory)
-        if path.relative_to(directory).as_posix() != CARD_NAME
-    ]
+    paths = [path for path in list_export_files(directory) if path.relative_to(directory).as_posix() != CARD_NAME]
+    warn_about_local_paths(directory, paths)
+    files = [UploadFile(path.relative_to(directory).as_posix(), path.stat().st_size, path) for path in paths]
     files.append(UploadFile(CARD_NAME, len(card.encode("utf-8")), None))
     files.sort(key=lambda file: file.path_in_repo)
     return UploadPlan(

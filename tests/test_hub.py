@@ -23,7 +23,7 @@ from support import compress_settings, smollm2_gguf, write_training_data
 from tbquant import run_pipeline
 from tbquant.card_facts import EVAL_RESULTS_NAME, read_base_model_facts, read_eval_results
 from tbquant.errors import ExportError, HubError
-from tbquant.hub import check_export, check_repo_id, push_to_hub
+from tbquant.hub import check_export, check_repo_id, list_export_files, push_to_hub, warn_about_local_paths
 from tbquant.model_card import render_model_card
 
 TOKEN = "hf_tbquantTestToken0123456789abcdef"
@@ -309,6 +309,22 @@ def test_check_export_rejects(export_dir, file_name, damage, expected):
 
 def test_check_export_accepts_export(export_dir):
     check_export(export_dir)
+
+
+def test_local_path_in_log_warned(export_dir, caplog):
+    log_path = export_dir / "training_log.json"
+    log = json.loads(log_path.read_text(encoding="utf-8"))
+    log["info"]["data"] = str(export_dir.parent / "data" / "train.txt")
+    log_path.write_text(json.dumps(log), encoding="utf-8")
+
+    flagged = warn_about_local_paths(export_dir, list_export_files(export_dir))
+
+    assert flagged == ["training_log.json"]
+    assert "training_log.json contains the local path" in caplog.text
+
+
+def test_export_without_local_paths(export_dir):
+    assert warn_about_local_paths(export_dir, list_export_files(export_dir)) == []
 
 
 def test_bad_repo_id_rejected(hub, export_dir, tmp_path):
