@@ -168,7 +168,7 @@ def list_export_files(directory: Path) -> list[Path]:
 
 def warn_about_local_paths(directory: Path, files: list[Path]) -> list[str]:
     """Log a warning for each small text file that contains the export's absolute location or the
-    home directory, which would be published with the model; return the names of those files.
+    home directory, because the upload would publish it. Return the names of those files.
 
     Exports written by tbquant 0.1.0 stored the local path of `--data` in `training_log.json`.
     """
