@@ -73,7 +73,7 @@ def _quantization_section(facts: ExportFacts) -> list[str]:
         _row("Query, key, value states and attention probabilities", _activation_text(facts.activation_bits) if attention else "full precision"),
         _row("Token embedding", _module_policy(facts, "embeddings")),
         _row("Output head", _module_policy(facts, "head")),
-        _row("Quantized linear layers", len(facts.quantization.get("quantized_modules", []))),
+        _row("Quantized modules", len(facts.quantization.get("quantized_modules", []))),
     ]
     return ["## Quantization", "", _row("Part", "Bit width"), _row("---", "---"), *rows, ""]
 
