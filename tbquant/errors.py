@@ -21,3 +21,8 @@ class ModelLoadError(TbquantError):
 
 class ExportError(TbquantError):
     """An export that cannot be written or read back."""
+
+
+class HubError(TbquantError):
+    """A Hub upload that cannot start or failed: invalid repository id, missing or rejected token,
+    missing permission, server error or unreachable endpoint."""

@@ -16,7 +16,8 @@ from rich.table import Table
 from tbquant import __version__
 from tbquant.data import Example, read_file
 from tbquant.errors import DataError, TbquantError
-from tbquant.model_card import public_name, update_eval_results, write_atomic
+from tbquant.card_facts import public_name
+from tbquant.model_card import update_eval_results, write_atomic
 
 logger = logging.getLogger(__name__)
 console = Console()

@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from tbquant import __version__
+from tbquant.cli import hub
 from tbquant.cli._compat import ParameterSource
 from tbquant.cli._errors import run_cli
 from tbquant.config import ActivationQuantConfig, QuantizationConfig, WeightQuantConfig
@@ -296,6 +297,7 @@ from tbquant.cli import generate, inspect  # noqa: F401
 from tbquant.cli.eval import EPILOG as _EVAL_EPILOG, eval_command  # noqa: E402
 
 app.command("eval", epilog=_EVAL_EPILOG)(eval_command)
+app.command("push-to-hub", epilog=hub.EXAMPLES)(hub.push_to_hub)
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ from safetensors import SafetensorError
 from tbquant.atomic import check_free_space, fsync_tree, make_staging_directory, recover_interrupted, replace_directory
 from tbquant.errors import ExportError, TbquantError
 from tbquant.integrity import write_checksums
-from tbquant.model_card import public_name, render_model_card
+from tbquant.card_facts import public_name
+from tbquant.model_card import render_model_card
 from tbquant.nn.attention import ATTENTION_IMPLEMENTATION
 from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.linear import PackedLinear
@@ -130,14 +131,15 @@ def _write_export(state: PipelineState, staging: Path, tensors: dict, tied: dict
         {
             "settings": _settings_record(state),
             "metrics": state.metrics,
-            "info": state.info,
+            # The data source may be a local path, and the log is published with the model.
+            "info": {**state.info, "data": public_name(state.info.get("data"))},
             "history": state.history,
             "calibration": state.calibration,
         },
     )
     if state.history:
         _write_loss_curve(state.history, staging / "loss_history.csv")
-    (staging / "README.md").write_text(render_model_card(state), encoding="utf-8")
+    (staging / "README.md").write_text(render_model_card(staging, Path(state.settings.output).name), encoding="utf-8")
     _apply_umask(staging)
     return weights_bytes
 

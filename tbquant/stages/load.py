@@ -35,9 +35,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from tbquant.card_facts import public_name, read_base_model_facts
 from tbquant.data import TokenizedData, load_examples
 from tbquant.errors import ModelLoadError
-from tbquant.model_card import public_name
 from tbquant.nn.attention import set_attention_implementation
 from tbquant.pipeline.registry import register_stage
 from tbquant.pipeline.settings import Task
@@ -233,5 +233,6 @@ class LoadStage:
                 "parameters": parameters,
                 "data": description,
                 "train_sequences": len(state.train_data),
+                **read_base_model_facts(settings.model, settings.revision),
             }
         )
