@@ -156,7 +156,7 @@ def test_push_commit_message_and_revision(uploaded):
     assert commit.summary == "Add the ternary model"
     assert commit.revision == "main"
     assert commit.pull_request is None
-    assert "Uploaded 10 files" in result.stdout
+    assert "Uploaded 11 files" in result.stdout
 
 
 def test_push_sends_token_as_authorization_header(uploaded):
