@@ -15,28 +15,31 @@ from tbquant.quantizers.weight import dequantize_weight
 
 
 @pytest.mark.parametrize("bits", [1, 2])
-@pytest.mark.parametrize("in_features", [1, 31, 32, 64, 100, 576])
-def test_planes_round_trip(bits, in_features):
+@pytest.mark.parametrize("out_features", [1, 7, 8, 24])
+@pytest.mark.parametrize("in_features", [1, 31, 32, 100, 576])
+def test_planes_round_trip(bits, out_features, in_features):
     generator = torch.Generator().manual_seed(in_features)
-    unsigned = torch.randint(0, 2 if bits == 1 else 3, (7, in_features), generator=generator, dtype=torch.uint8)
+    unsigned = torch.randint(0, 2 if bits == 1 else 3, (out_features, in_features), generator=generator, dtype=torch.uint8)
 
     packed = kernels.pack_planes(unsigned, bits)
     unpacked = kernels.unpack_planes(packed, bits)
 
-    padded = kernels.padded_columns(in_features, bits)
-    assert packed.shape == (7, padded * bits // 8)
-    assert unpacked.shape == (7, padded)
-    assert torch.equal(unpacked[:, :in_features], unsigned)
+    rows, columns = kernels.padded_shape(out_features, in_features, bits)
+    assert packed.shape == (rows * bits // 8, columns)
+    assert unpacked.shape == (rows, columns)
+    assert torch.equal(unpacked[:out_features, :in_features], unsigned)
+    assert not unpacked[out_features:].any()
     assert not unpacked[:, in_features:].any()
 
 
 def test_planes_worked_example():
-    """The docstring's example: columns 0, 8, 16 and 24 with values [-1, 0, 1, 1] make byte 164."""
-    unsigned = torch.ones(1, 32, dtype=torch.uint8)
-    unsigned[0, [0, 8, 16, 24]] = torch.tensor([0, 1, 2, 2], dtype=torch.uint8)
+    """The docstring's example: column 0 of rows 0, 2, 4 and 6 with values [-1, 0, 1, 1] makes byte 164."""
+    unsigned = torch.ones(8, 8, dtype=torch.uint8)
+    unsigned[[0, 2, 4, 6], 0] = torch.tensor([0, 1, 2, 2], dtype=torch.uint8)
 
     packed = kernels.pack_planes(unsigned, 2)
 
+    assert packed.shape == (2, 8)
     assert packed[0, 0].item() == 164
 
 
@@ -51,11 +54,12 @@ def test_code_dot_products_exact(binary, unsigned_activations):
     unsigned = (values + 1) // 2 if binary else values + 1
     planes = kernels.unpack_planes(kernels.pack_planes(unsigned, 1 if binary else 2), 1 if binary else 2)
 
-    dots, sums = kernels.code_dot_products(codes, planes, unsigned.sum(dim=1, dtype=torch.int32), binary)
+    shift = kernels.UNSIGNED_SHIFT if unsigned_activations else 0
 
-    assert dots.dtype == torch.int32
-    assert torch.equal(dots, codes.long() @ values.long().t())
-    assert torch.equal(sums.squeeze(1), codes.long().sum(dim=1))
+    dots, sums = kernels.code_dot_products(codes, shift, planes, unsigned.sum(dim=1, dtype=torch.int32), binary)
+
+    assert torch.equal(dots.long(), codes.long() @ values.long().t())
+    assert torch.equal(sums.squeeze(1).long(), codes.long().sum(dim=1))
 
 
 def quant_linear(scheme: str, center: bool, bits: int | None, in_features: int, bias: bool = True) -> QuantLinear:

@@ -149,8 +149,8 @@ def test_no_float_weight_of_quantized_layers(exported):
         assert module.weight_planes.dtype == torch.uint8, name
         largest_float = max(tensor.numel() for tensor in tensors.values() if tensor.is_floating_point())
         assert largest_float <= module.out_features, name
-        code_bytes = module.weight_planes.numel()
-        assert code_bytes <= module.out_features * kernels.padded_columns(module.in_features, module.code_bits) * module.code_bits // 8, name
+        rows, columns = kernels.padded_shape(module.out_features, module.in_features, module.code_bits)
+        assert module.weight_planes.numel() == rows * columns * module.code_bits // 8, name
 
 
 class _AllocationRecorder(TorchDispatchMode):

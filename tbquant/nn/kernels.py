@@ -4,17 +4,17 @@ In memory, a packed layer keeps its codes in a "planar" layout that unpacks with
 shifts and masks, instead of the disk layouts of `tbquant.packing` (whose base-3 bytes need a
 table lookup per byte). Ternary values `w` in {-1, 0, 1} are stored as `u = w + 1` in 2 bits and
 binary values `w` in {-1, 1} as `u = (w + 1) / 2` in 1 bit, so both take at most 2 bits per
-weight in memory. With `P = 8 / bits` planes, a row of `in_features` codes is padded with zero
-codes to `padded` columns (a multiple of `8 * P`, so every plane is whole 64-bit words), and
-byte `j` of the row holds the codes of columns `j, j + q, ..., j + (P - 1) * q`, with
-`q = padded / P`, plane `i` in bits `bits * i` to `bits * i + bits - 1`.
+weight in memory. With `P = 8 / bits` planes, an `[out, in]` code matrix is padded with zero
+codes to `rows` (a multiple of `P`) by `columns` (a multiple of 8, so that rows are whole 64-bit
+words), and byte `(r, j)` holds the codes of rows `r, r + h, ..., r + (P - 1) * h` in column `j`,
+with `h = rows / P`; plane `i` sits in bits `bits * i` to `bits * i + bits - 1`.
 
-Example (ternary, a row of 32 codes padded to 32, q = 8): byte 0 holds the codes of columns
-0, 8, 16 and 24. With the values [-1, 0, 1, 1] there, `u` is [0, 1, 2, 2] and the byte is
-0 | 1 << 2 | 2 << 4 | 2 << 6 = 164.
+Example (ternary, 8 rows, h = 2): byte (0, 0) holds column 0 of rows 0, 2, 4 and 6. With the
+values [-1, 0, 1, 1] there, `u` is [0, 1, 2, 2] and the byte is 0 | 1 << 2 | 2 << 4 | 2 << 6 = 164.
 
 Unpacking shifts each 64-bit word right by `bits * i` and masks the low `bits` of every byte at
-once, which writes the 8 columns `8k .. 8k + 7` of plane `i`.
+once, which writes rows `i * h` to `(i + 1) * h - 1` of the unpacked matrix as one contiguous
+block.
 
 Integer product. For activations quantized to integer codes `c` (per-token or per-tensor scale
 `s`) and weights `a * w + mu` (per-row scale `a`, optional per-row offset `mu`):
@@ -35,45 +35,46 @@ from __future__ import annotations
 
 import torch
 
-_WORD_BITS = 64
 _MASKS = {2: 0x0303030303030303, 1: 0x0101010101010101}
 
 # Unsigned 8-bit activation codes reach 255; they are shifted by this amount to fit in int8.
 UNSIGNED_SHIFT = 128
 
 
-def padded_columns(in_features: int, bits: int) -> int:
-    """Return the row length, in codes, of the planar layout (a multiple of 64 / bits * 8 / 8)."""
-    multiple = _WORD_BITS // bits
-    return -(-in_features // multiple) * multiple
+def planes_per_byte(bits: int) -> int:
+    return 8 // bits
+
+
+def padded_shape(out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+    """Return the `(rows, columns)` of the unpacked planar matrix, padding included."""
+    planes = planes_per_byte(bits)
+    return -(-out_features // planes) * planes, -(-in_features // 8) * 8
 
 
 def pack_planes(unsigned_codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack `[out, in]` unsigned codes (each below `2 ** bits`) into the planar layout, `[out, padded * bits / 8]` uint8."""
-    rows, in_features = unsigned_codes.shape
-    padded = padded_columns(in_features, bits)
-    codes = torch.zeros(rows, padded, dtype=torch.uint8, device=unsigned_codes.device)
-    codes[:, :in_features] = unsigned_codes.to(torch.uint8)
+    """Pack `[out, in]` unsigned codes (each below `2 ** bits`) into the planar layout, `[rows / P, columns]` uint8."""
+    out_features, in_features = unsigned_codes.shape
+    rows, columns = padded_shape(out_features, in_features, bits)
+    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=unsigned_codes.device)
+    codes[:out_features, :in_features] = unsigned_codes.to(torch.uint8)
 
-    planes_per_byte = 8 // bits
-    width = padded // planes_per_byte
-    packed = torch.zeros(rows, width, dtype=torch.uint8, device=unsigned_codes.device)
-    for plane in range(planes_per_byte):
-        packed |= codes[:, plane * width : (plane + 1) * width] << (bits * plane)
+    height = rows // planes_per_byte(bits)
+    packed = torch.zeros(height, columns, dtype=torch.uint8, device=unsigned_codes.device)
+    for plane in range(planes_per_byte(bits)):
+        packed |= codes[plane * height : (plane + 1) * height] << (bits * plane)
     return packed
 
 
 def unpack_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unpack the planar layout to `[out, padded]` uint8 unsigned codes, padding included."""
-    rows, width = packed.shape
-    planes_per_byte = 8 // bits
+    """Unpack the planar layout to `[rows, columns]` uint8 unsigned codes, padding included."""
+    height, columns = packed.shape
+    planes = planes_per_byte(bits)
     words = packed.view(torch.int64)
-    codes = torch.empty(rows, width * planes_per_byte, dtype=torch.uint8, device=packed.device)
-    code_words = codes.view(torch.int64).view(rows, planes_per_byte, -1)
-    mask = torch.tensor(_MASKS[bits], dtype=torch.int64, device=packed.device)
-    for plane in range(planes_per_byte):
-        torch.bitwise_and(torch.bitwise_right_shift(words, bits * plane), mask, out=code_words[:, plane])
-    return codes
+    codes = torch.empty(planes, height, columns // 8, dtype=torch.int64, device=packed.device)
+    for plane in range(planes):
+        torch.bitwise_right_shift(words, bits * plane, out=codes[plane])
+        codes[plane].bitwise_and_(_MASKS[bits])
+    return codes.view(torch.uint8).view(planes * height, columns)
 
 
 def int_mm_available(device: torch.device) -> bool:
@@ -99,29 +100,34 @@ def integer_product(shifted_codes: torch.Tensor, unsigned_weights: torch.Tensor)
 
 def code_dot_products(
     codes: torch.Tensor,
+    shift: int,
     unsigned_weights: torch.Tensor,
     weight_sums: torch.Tensor,
     binary: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `sum_k c[m, k] w[n, k]` (`[M, N]`, int32) and `S[m] = sum_k c[m, k]` (`[M, 1]`, int32).
+    """Return `sum_k c[m, k] w[n, k]` (`[M, N]`) and `S[m] = sum_k c[m, k]` (`[M, 1]`), both as
+    float32 tensors holding exact integers (below 2 ** 24 for fewer than 65536 inputs).
 
     Args:
         codes: `[M, in]` integer-valued activation codes (float), from -128 to 255.
-        unsigned_weights: `[N, padded]` unpacked planar codes `u`.
+        shift: `z`, subtracted from the codes so that they fit in int8 (0 or `UNSIGNED_SHIFT`).
+        unsigned_weights: `[rows, columns]` unpacked planar codes `u`.
         weight_sums: `[N]` int32 `U[n]`, the sum of each row of `u` over the real columns.
         binary: whether `w = 2u - 1` (binary) rather than `w = u - 1` (ternary).
     """
-    shift = UNSIGNED_SHIFT if bool(codes.max() > 127) else 0
-    shifted = (codes - shift).to(torch.int8)
-    code_sums = shifted.sum(dim=1, keepdim=True, dtype=torch.int32) + shift * codes.shape[1]
-
+    shifted = (codes - shift if shift else codes).to(torch.int8)
+    code_sums = shifted.sum(dim=1, keepdim=True, dtype=torch.int32).float()
+    if shift:
+        code_sums += shift * codes.shape[1]
     padding = unsigned_weights.shape[1] - shifted.shape[1]
     if padding:
         shifted = torch.nn.functional.pad(shifted, (0, padding))
-    products = integer_product(shifted, unsigned_weights)
 
+    out_features = weight_sums.shape[0]
+    products = integer_product(shifted, unsigned_weights)[:, :out_features].float()
     if shift:
-        products = products + shift * weight_sums
+        products += shift * weight_sums.float()
     if binary:
-        products = 2 * products
-    return products - code_sums, code_sums
+        products *= 2
+    products -= code_sums
+    return products, code_sums

@@ -91,7 +91,8 @@ class PackedLinear(nn.Module):
     `weight_scale` (`[out]`) and, for mean-centred weights, `weight_offset` (`[out]`).
 
     Before the first forward pass (or through `prepare_for_inference`), the codes move to the
-    planar layout of `tbquant.nn.kernels` (2 bits per ternary weight, 1 per binary weight) and
+    planar layout of `tbquant.nn.kernels` (2 bits per ternary weight, 1 per binary weight, rows padded to a
+    multiple of 4 or 8 and columns to a multiple of 8) and
     `weight_packed` is dropped; `state_dict` packs them back to the disk layout. No float copy of
     the weight is kept: every forward pass unpacks the codes and computes with them.
 
@@ -175,7 +176,7 @@ class PackedLinear(nn.Module):
         """Return the `[out, in]` int8 weight codes, in {-1, 0, 1} or {-1, 1}."""
         if self.weight_planes is None:
             return packing.unpack(self.weight_packed, self.layout, self.in_features)
-        unsigned = self._unsigned_codes()[:, : self.in_features].view(torch.int8)
+        unsigned = self._unsigned_codes()[: self.out_features, : self.in_features].view(torch.int8)
         return 2 * unsigned - 1 if self.binary else unsigned - 1
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -212,14 +213,17 @@ class PackedLinear(nn.Module):
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
         codes, activation_scale = self.input_quantizer.quantize(x.reshape(-1, self.in_features).float())
-        dots, code_sums = kernels.code_dot_products(codes, self._unsigned_codes(), self.weight_code_sums, self.binary)
+        quantizer = self.input_quantizer
+        shift = kernels.UNSIGNED_SHIFT if quantizer.levels_above_zero > 127 else 0
+        output, code_sums = kernels.code_dot_products(codes, shift, self._unsigned_codes(), self.weight_code_sums, self.binary)
 
-        # y = s * a * dots + s * mu * S + bias, in float32.
-        output = dots.float() * activation_scale * self.weight_scale.float()
+        # y = s * a * dots + s * mu * S + bias, in float32, in place on the products.
+        output *= activation_scale
+        output *= self.weight_scale.float()
         if self.weight_offset is not None:
-            output = output + (activation_scale * code_sums.float()) * self.weight_offset.float()
+            output += (activation_scale * code_sums) * self.weight_offset.float()
         if self.bias is not None:
-            output = output + self.bias.float()
+            output += self.bias.float()
         return output.view(*leading, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

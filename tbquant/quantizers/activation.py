@@ -121,7 +121,12 @@ class ActivationQuantizer(nn.Module):
         if self.learned:
             self._check_initialized()
             return self._learned_codes(x / self.alpha), self.alpha.detach()
-        return self._dynamic_codes(x)
+        # The same operations as `_dynamic_codes`, in place where the result is a new tensor.
+        levels = self.levels_above_zero
+        signed = bool(self.signed)
+        scale = (x.abs() if signed else x).amax(dim=-1, keepdim=True).clamp_min_(_MIN_DYNAMIC_SCALE).div_(levels)
+        codes = torch.div(x, scale).round_().clamp_(-levels if signed else 0, levels)
+        return codes, scale
 
     def _dynamic_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         levels = self.levels_above_zero
