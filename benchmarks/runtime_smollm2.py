@@ -3,13 +3,17 @@
 For each model, a fresh subprocess loads it and measures:
 
 - load time, and peak resident memory while loading (`ru_maxrss`) minus the resident memory of
-  the process before loading (interpreter, torch and transformers);
+  the process before loading (interpreter, torch, transformers and the model's modeling code);
 - resident memory of the loaded model: resident memory after loading minus before;
 - decode tokens per second at batch 1: `--decode-tokens` single-token forward passes with the KV
   cache after a 16-token prompt;
 - prefill tokens per second at batch `--prefill-batch` x `--prefill-length`: one forward pass
   without cache, after a warm-up pass;
 - bits per weight of the quantized layers (codes, and codes plus scales) and the weights file size.
+
+Models load in float32 unless an export is given as NAME=DIRECTORY:DTYPE: then its
+full-precision tensors (embeddings, norms, head) and activations use DTYPE, while the quantized
+layers still compute from their codes.
 
 The teacher is first converted from the GGUF file to an fp32 `save_pretrained` directory in
 `--workdir`, so that all models load from safetensors. Results are printed as a markdown table
@@ -81,7 +85,7 @@ def quantized_layer_bits(model) -> dict[str, float]:
     }
 
 
-def measure(path: Path, decode_tokens: int, prefill_batch: int, prefill_length: int, threads: int) -> dict:
+def measure(path: Path, dtype_name: str, decode_tokens: int, prefill_batch: int, prefill_length: int, threads: int) -> dict:
     """Load the model at `path` in this process and measure it (the worker side)."""
     import torch
     import transformers
@@ -91,11 +95,14 @@ def measure(path: Path, decode_tokens: int, prefill_batch: int, prefill_length: 
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # Import the modeling code before the baseline, so that the model's memory excludes it.
+    config = transformers.AutoConfig.from_pretrained(path)
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]
     gc.collect()
     baseline = resident_bytes()
 
     started = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).eval()
     load_seconds = time.perf_counter() - started
     gc.collect()
     result = {
@@ -129,12 +136,14 @@ def measure(path: Path, decode_tokens: int, prefill_batch: int, prefill_length: 
     return result
 
 
-def run_worker(path: Path, arguments: argparse.Namespace) -> dict:
+def run_worker(path: Path, dtype_name: str, arguments: argparse.Namespace) -> dict:
     command = [
         sys.executable,
         __file__,
         "--worker",
         str(path),
+        "--dtype",
+        dtype_name,
         "--decode-tokens",
         str(arguments.decode_tokens),
         "--prefill-batch",
@@ -185,7 +194,11 @@ def markdown_table(results: dict[str, dict], arguments: argparse.Namespace) -> s
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("teacher", nargs="?", type=Path, help="SmolLM2 GGUF file (scripts/smollm2_path.py prints it)")
-    parser.add_argument("exports", nargs="*", help="NAME=DIRECTORY of each tbquant export to measure")
+    parser.add_argument(
+        "exports",
+        nargs="*",
+        help="NAME=DIRECTORY of each tbquant export to measure, or NAME=DIRECTORY:DTYPE to load its full-precision tensors in DTYPE (default float32)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed at batch 1")
     parser.add_argument("--prefill-batch", type=int, default=8, help="sequences in the prefill pass")
     parser.add_argument("--prefill-length", type=int, default=256, help="tokens per sequence in the prefill pass")
@@ -193,30 +206,32 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="directory for the fp32 teacher conversion (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_arguments()
     if arguments.worker is not None:
-        print(json.dumps(measure(arguments.worker, arguments.decode_tokens, arguments.prefill_batch, arguments.prefill_length, arguments.threads)))
+        print(json.dumps(measure(arguments.worker, arguments.dtype, arguments.decode_tokens, arguments.prefill_batch, arguments.prefill_length, arguments.threads)))
         return
     if arguments.teacher is None:
         raise SystemExit("missing teacher: pass the SmolLM2 GGUF file (python scripts/smollm2_path.py prints its path)")
 
     exports = {}
     for item in arguments.exports:
-        name, separator, directory = item.partition("=")
+        name, separator, location = item.partition("=")
+        directory, _, dtype_name = location.partition(":")
         if not separator or not Path(directory).is_dir():
             raise SystemExit(f"invalid export {item!r}: expected NAME=DIRECTORY of an existing tbquant export")
-        exports[name] = Path(directory)
+        exports[name] = (Path(directory), dtype_name or "float32")
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = arguments.workdir or Path(temporary)
         teacher = convert_teacher(arguments.teacher, workdir / "smollm2-fp32")
-        results = {TEACHER: run_worker(teacher, arguments)}
-        for name, directory in exports.items():
-            results[name] = run_worker(directory, arguments)
+        results = {TEACHER: run_worker(teacher, "float32", arguments)}
+        for name, (directory, dtype_name) in exports.items():
+            results[name] = run_worker(directory, dtype_name, arguments)
 
     print(markdown_table(results, arguments))
     if arguments.json is not None:

@@ -147,3 +147,16 @@ def test_dequantized_weight_matches_fake_quantized():
     assert torch.equal(packed.dequantized_weight(), dequantize_weight(codes, scale.half(), offset.half(), torch.float32))
     assert packed.weight.device.type == "meta"
     assert packed.weight.shape == (24, 33)
+
+
+def test_float_fallback_equals_int_mm(monkeypatch):
+    """Devices without the integer path (CUDA at batch 1) use a float product of the same codes."""
+    quantized = quant_linear("ternary", True, 8, in_features=96)
+    packed = PackedLinear.from_quant_linear(quantized, packing.Layout.TERNARY_COMPACT)
+    inputs = torch.randn(5, 96)
+    with torch.no_grad():
+        integer = packed(inputs)
+        monkeypatch.setattr(kernels, "int_mm_available", lambda device: False)
+        fallback = packed(inputs)
+
+    assert torch.equal(fallback, integer)
