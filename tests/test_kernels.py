@@ -45,11 +45,13 @@ def test_planes_worked_example():
 
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("unsigned_activations", [False, True])
-def test_code_dot_products_exact(binary, unsigned_activations):
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_code_dot_products_exact(binary, unsigned_activations, tokens):
+    """Few tokens correct the products, many tokens (4 * 40 > 72 columns) correct the weights."""
     generator = torch.Generator().manual_seed(0)
     in_features = 70
     low, high = (0, 256) if unsigned_activations else (-127, 128)
-    codes = torch.randint(low, high, (5, in_features), generator=generator).float()
+    codes = torch.randint(low, high, (tokens, in_features), generator=generator).float()
     values = torch.randint(0, 2, (9, in_features), generator=generator) * 2 - 1 if binary else torch.randint(-1, 2, (9, in_features), generator=generator)
     unsigned = (values + 1) // 2 if binary else values + 1
     planes = kernels.unpack_planes(kernels.pack_planes(unsigned, 1 if binary else 2), 1 if binary else 2)
@@ -58,6 +60,7 @@ def test_code_dot_products_exact(binary, unsigned_activations):
 
     dots, sums = kernels.code_dot_products(codes, shift, planes, unsigned.sum(dim=1, dtype=torch.int32), binary)
 
+    assert dots.dtype == torch.int32
     assert torch.equal(dots.long(), codes.long() @ values.long().t())
     assert torch.equal(sums.squeeze(1).long(), codes.long().sum(dim=1))
 
@@ -82,7 +85,7 @@ def test_packed_linear_matches_quant_linear(scheme, bits, center):
     quantized = quant_linear(scheme, center, bits, in_features=45)
     layout = layout_for(QuantizationConfig(weights=quantized.weight_config))
     packed = PackedLinear.from_quant_linear(quantized, layout)
-    inputs = torch.randn(2, 3, 45, generator=torch.Generator().manual_seed(1))
+    inputs = torch.randn(2, 9, 45, generator=torch.Generator().manual_seed(1))
 
     with torch.no_grad():
         expected = quantized(inputs)

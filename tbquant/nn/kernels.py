@@ -86,16 +86,16 @@ def int_mm_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_int_mm")
 
 
-def integer_product(shifted_codes: torch.Tensor, unsigned_weights: torch.Tensor) -> torch.Tensor:
-    """Return `shifted_codes @ unsigned_weights.T`, `[M, N]`, exactly.
+def integer_product(shifted_codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Return `shifted_codes @ weights.T`, `[M, rows]` int32, exactly.
 
-    `shifted_codes` is `[M, padded]` int8 and `unsigned_weights` `[N, padded]` uint8 with values of
-    at most 2. On CPU this is `torch._int_mm` with int32 accumulation. Elsewhere it is a float32
-    product, exact while `padded * 256 < 2 ** 24`, that is, below 65536 input features.
+    `shifted_codes` is `[M, columns]` int8 and `weights` `[rows, columns]` int8 with values from
+    -1 to 2. On CPU this is `torch._int_mm` with int32 accumulation. Elsewhere it is a float32
+    product, exact while `columns * 256 < 2 ** 24`, that is, below 65536 input features.
     """
     if int_mm_available(shifted_codes.device):
-        return torch._int_mm(shifted_codes, unsigned_weights.view(torch.int8).t())
-    return (shifted_codes.float() @ unsigned_weights.float().t()).round().to(torch.int32)
+        return torch._int_mm(shifted_codes, weights.t())
+    return (shifted_codes.float() @ weights.float().t()).round().to(torch.int32)
 
 
 def code_dot_products(
@@ -105,29 +105,44 @@ def code_dot_products(
     weight_sums: torch.Tensor,
     binary: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `sum_k c[m, k] w[n, k]` (`[M, N]`) and `S[m] = sum_k c[m, k]` (`[M, 1]`), both as
-    float32 tensors holding exact integers (below 2 ** 24 for fewer than 65536 inputs).
+    """Return `sum_k c[m, k] w[n, k]` (`[M, N]`, int32) and `S[m] = sum_k c[m, k]` (`[M, 1]`, float32).
+
+    The corrections of the formula in the module docstring are applied to whichever is smaller:
+    the `[M, N]` products (few tokens, as in decoding) or, in place, the freshly unpacked
+    `[rows, columns]` weights, which then hold `w` itself (many tokens, as in prefill).
 
     Args:
         codes: `[M, in]` integer-valued activation codes (float), from -128 to 255.
         shift: `z`, subtracted from the codes so that they fit in int8 (0 or `UNSIGNED_SHIFT`).
-        unsigned_weights: `[rows, columns]` unpacked planar codes `u`.
+        unsigned_weights: `[rows, columns]` unpacked planar codes `u`; may be changed in place.
         weight_sums: `[N]` int32 `U[n]`, the sum of each row of `u` over the real columns.
         binary: whether `w = 2u - 1` (binary) rather than `w = u - 1` (ternary).
     """
+    tokens, in_features = codes.shape
     shifted = (codes - shift if shift else codes).to(torch.int8)
     code_sums = shifted.sum(dim=1, keepdim=True, dtype=torch.int32).float()
     if shift:
-        code_sums += shift * codes.shape[1]
-    padding = unsigned_weights.shape[1] - shifted.shape[1]
+        code_sums += shift * in_features
+    padding = unsigned_weights.shape[1] - in_features
     if padding:
         shifted = torch.nn.functional.pad(shifted, (0, padding))
 
     out_features = weight_sums.shape[0]
-    products = integer_product(shifted, unsigned_weights)[:, :out_features].float()
+    weights = unsigned_weights.view(torch.int8)
+    if 4 * tokens > weights.shape[1]:
+        # Correct the weights: w = u - 1 or 2u - 1. Padding columns meet zero activation codes.
+        if binary:
+            weights.mul_(2)
+        weights.sub_(1)
+        products = integer_product(shifted, weights)[:, :out_features]
+        if shift:
+            signed_sums = (2 * weight_sums if binary else weight_sums) - in_features
+            products = products + shift * signed_sums
+        return products, code_sums
+
+    products = integer_product(shifted, weights)[:, :out_features]
     if shift:
-        products += shift * weight_sums.float()
+        products = products + shift * weight_sums
     if binary:
-        products *= 2
-    products -= code_sums
-    return products, code_sums
+        products = 2 * products
+    return products - code_sums.to(torch.int32), code_sums

@@ -215,10 +215,10 @@ class PackedLinear(nn.Module):
         codes, activation_scale = self.input_quantizer.quantize(x.reshape(-1, self.in_features).float())
         quantizer = self.input_quantizer
         shift = kernels.UNSIGNED_SHIFT if quantizer.levels_above_zero > 127 else 0
-        output, code_sums = kernels.code_dot_products(codes, shift, self._unsigned_codes(), self.weight_code_sums, self.binary)
+        dots, code_sums = kernels.code_dot_products(codes, shift, self._unsigned_codes(), self.weight_code_sums, self.binary)
 
-        # y = s * a * dots + s * mu * S + bias, in float32, in place on the products.
-        output *= activation_scale
+        # y = s * a * dots + s * mu * S + bias, in float32 (the int32 dots convert exactly).
+        output = dots * activation_scale
         output *= self.weight_scale.float()
         if self.weight_offset is not None:
             output += (activation_scale * code_sums) * self.weight_offset.float()
