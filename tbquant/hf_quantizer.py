@@ -6,9 +6,9 @@ follows the lifecycle of transformers' in-tree quantizers:
 
 1. `update_attn_implementation`: turn the export's load guard off (see below);
 2. `_process_model_before_weight_loading`: on the meta-device model, replace the quantized
-   modules with empty packed ones (`build_packed_skeleton`) and check the checkpoint's tensor
-   names, shapes and dtypes against them, so the full-precision weights of quantized layers are
-   never allocated and a corrupt export fails before anything is read;
+   modules with empty packed ones (`build_packed_skeleton`), so the full-precision weights of
+   quantized layers are never allocated. Then check the checkpoint's tensor names, shapes and
+   dtypes against them, so a corrupt export fails before any tensor is read;
 3. transformers loads the tensors into the packed modules;
 4. `_process_model_after_weight_loading`: move the codes to the in-memory layout.
 
@@ -79,14 +79,14 @@ class TbquantHfQuantizer(HfQuantizer):
         return torch.float32 if dtype is None else dtype
 
     def update_attn_implementation(self, config):
-        # The only hook that sees the config before the weights file is resolved and the model is
-        # built; it changes two fields that concern loading, not attention.
+        # This is the only hook that receives the config before transformers resolves the weights
+        # file and builds the model. It changes two fields that concern loading, not attention.
         if getattr(config, "transformers_weights", None) == LOAD_GUARD:
             config.transformers_weights = WEIGHTS_NAME
         if getattr(self.quantization_config, "untied", False):
             # The export stores tie_word_embeddings=False after untying a tied head from a
             # quantized embedding. Building the model tied keeps the embeddings that stay tied (a
-            # seq2seq model's encoder and decoder tables) shared; the skeleton then unties the
+            # seq2seq model's encoder and decoder tables) shared. The skeleton then unties the
             # head again, as compression did.
             config.tie_word_embeddings = True
         return config

@@ -139,7 +139,7 @@ def test_load_quantized_same_as_auto(exported):
 
 
 def test_no_float_weight_of_quantized_layers(exported):
-    """After loading, a quantized layer holds its planar codes, scales and row sums only."""
+    """After loading, a quantized layer contains its planar codes, scales and row sums only."""
     model = load_auto(exported)
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear):

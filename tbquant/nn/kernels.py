@@ -6,7 +6,7 @@ table lookup per byte). Ternary values `w` in {-1, 0, 1} are stored as `u = w + 
 binary values `w` in {-1, 1} as `u = (w + 1) / 2` in 1 bit, so both take at most 2 bits per
 weight in memory. With `P = 8 / bits` planes, an `[out, in]` code matrix is padded with zero
 codes to `rows` (a multiple of `P`) by `columns` (a multiple of 8, so that rows are whole 64-bit
-words), and byte `(r, j)` holds the codes of rows `r, r + h, ..., r + (P - 1) * h` in column `j`,
+words). Byte `(r, j)` contains the codes of rows `r, r + h, ..., r + (P - 1) * h` in column `j`,
 with `h = rows / P`; plane `i` sits in bits `bits * i` to `bits * i + bits - 1`.
 
 Example (ternary, 8 rows, h = 2): byte (0, 0) holds column 0 of rows 0, 2, 4 and 6. With the
@@ -107,9 +107,9 @@ def code_dot_products(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return `sum_k c[m, k] w[n, k]` (`[M, N]`, int32) and `S[m] = sum_k c[m, k]` (`[M, 1]`, float32).
 
-    The corrections of the formula in the module docstring are applied to whichever is smaller:
-    the `[M, N]` products (few tokens, as in decoding) or, in place, the freshly unpacked
-    `[rows, columns]` weights, which then hold `w` itself (many tokens, as in prefill).
+    The corrections of the formula in the module docstring go to whichever tensor is smaller.
+    For few tokens (decoding) that is the `[M, N]` products. For many tokens (prefill) it is the
+    freshly unpacked `[rows, columns]` weights, which are changed in place to contain `w`.
 
     Args:
         codes: `[M, in]` integer-valued activation codes (float), from -128 to 255.
