@@ -23,7 +23,7 @@ from tbquant.quantizers.weight import dequantize_weight, fake_quantize_weight, q
 # packed from, on the same input, relative to the largest output magnitude (at least 1). Both use
 # the same codes and scales. The packed layer sums exactly in int32, while the fake-quantized one
 # sums float32 products. That rounding measured below 2e-7 of the largest output on random layers
-# of 32 to 576 inputs (tests/test_kernels.py), so the bound leaves a wide margin.
+# of 32 to 576 inputs, so the bound leaves a wide margin.
 OUTPUT_TOLERANCE = 1e-5
 
 
