@@ -57,6 +57,8 @@ def convert_teacher(gguf: Path, folder: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantized to fp32 on load; dropping the GGUF quantizer lets them be saved.
+    model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
