@@ -92,7 +92,20 @@ class TbquantHfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs) -> None:
+        # transformers ties embeddings after loading (and `tie_weights` skips meta tensors). The
+        # skeleton must see them tied already, as compression did, to replace every module that
+        # shares the token embedding.
+        for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+            module_name, _, attribute = target.rpartition(".")
+            setattr(model.get_submodule(module_name), attribute, model.get_parameter(source))
         build_packed_skeleton(model, self.quantization_config.quantization)
+        # Ties whose ends are no longer both parameters (packed modules, an untied head) are
+        # dropped, so that transformers does not tie them again after loading.
+        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        model.all_tied_weights_keys = {
+            target: source for target, source in model.all_tied_weights_keys.items() if target in parameters and source in parameters
+        }
+        _keep_shared_buffers(model, getattr(self.quantization_config, "tied", {}), parameters)
         if checkpoint_files:
             check_checkpoint(model, checkpoint_files, getattr(self.quantization_config, "tied", {}))
 
@@ -110,6 +123,26 @@ class TbquantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _keep_shared_buffers(model, tied: dict[str, str], parameters: set[str]) -> None:
+    """Stop transformers from replacing the export's buffer aliases with empty tensors.
+
+    A packed module shared under several names (a seq2seq model's quantized token embedding) is
+    stored once, so its other names are missing from the checkpoint. transformers 5.25 gives
+    missing tensors empty values after loading, which would overwrite the shared module's loaded
+    buffers, so those names are removed from the missing keys it moves.
+    """
+    names = set(model.state_dict())
+    aliases = {alias for alias, source in tied.items() if alias in names and source in names and alias not in parameters}
+    if not aliases:
+        return
+    move_missing_keys = model._move_missing_keys_from_meta_to_device
+
+    def move_missing_keys_except_aliases(missing_keys, *args, **kwargs):
+        return move_missing_keys(set(missing_keys) - aliases, *args, **kwargs)
+
+    model._move_missing_keys_from_meta_to_device = move_missing_keys_except_aliases
 
 
 def check_checkpoint(model: torch.nn.Module, checkpoint_files: list[str], tied: dict[str, str]) -> None:

@@ -321,7 +321,7 @@ def test_seq2seq_quantized_embeddings_load(tiny_model, tmp_path, architecture):
 def test_t5_packs_feed_forward(tiny_model, tmp_path):
     state = run_case(Case("t5-ternary-a8", "t5"), tiny_model("t5"), tmp_path)
 
-    assert state.info["pack_max_abs_logit_difference"] == 0
+    assert state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
 
 
 CONV1D_NAMES = [
@@ -346,6 +346,6 @@ def test_gpt2_end_to_end(tiny_model, tmp_path):
 
     packed = {id(module) for module in result.loaded.modules() if isinstance(module, PackedLinear)}
     assert len(packed) == len(CONV1D_NAMES)
-    assert result.state.info["pack_max_abs_logit_difference"] == 0
+    assert result.state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
     assert mean_loss(result.state.history, first=False) < mean_loss(result.state.history, first=True)
     assert torch.equal(model_output(result.loaded, batch), model_output(result.state.model, batch))
