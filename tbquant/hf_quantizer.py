@@ -15,7 +15,7 @@ follows the lifecycle of transformers' in-tree quantizers:
 Load guard: without tbquant, transformers only warns about an unknown `quant_method` and would
 build a full-precision model with randomly initialised quantized layers. The export's
 `config.json` therefore names its weights file in `transformers_weights` with a value that is
-not a `.safetensors` name (`LOAD_GUARD`); transformers 5 rejects such a value with a
+not a `.safetensors` name (`LOAD_GUARD`). transformers 5.25 rejects such a value with a
 `ValueError` that quotes it, so the user reads the instruction to install tbquant. With tbquant
 imported, step 1 sets `transformers_weights` to the real file name.
 """
