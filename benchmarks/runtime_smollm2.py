@@ -2,9 +2,10 @@
 
 For each model, a fresh subprocess loads it and measures:
 
-- load time, and peak resident memory while loading (`ru_maxrss`) minus the resident memory of
+- load time, and peak resident memory while loading (`VmHWM`) minus the resident memory of
   the process before loading (interpreter, torch, transformers and the model's modeling code);
-- resident memory of the loaded model: resident memory after loading minus before;
+- resident memory of the loaded model: resident memory after loading and one 16-token forward
+  pass (which reads every weight of a memory-mapped checkpoint) minus before;
 - decode tokens per second at batch 1: `--decode-tokens` single-token forward passes with the KV
   cache after a 16-token prompt;
 - prefill tokens per second at batch `--prefill-batch` x `--prefill-length`: one forward pass
@@ -29,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,7 +46,12 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Return the peak resident set size of this process (`VmHWM`; unlike `ru_maxrss`, it does
+    not carry over the parent's peak into a child started with fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def convert_teacher(gguf: Path, folder: Path) -> Path:
@@ -106,11 +111,9 @@ def measure(path: Path, dtype_name: str, decode_tokens: int, prefill_batch: int,
     started = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).eval()
     load_seconds = time.perf_counter() - started
-    gc.collect()
     result = {
         "load_seconds": load_seconds,
         "peak_load_bytes": peak_resident_bytes() - baseline,
-        "resident_bytes": resident_bytes() - baseline,
         "file_bytes": (path / "model.safetensors").stat().st_size,
         **quantized_layer_bits(model),
     }
@@ -121,6 +124,9 @@ def measure(path: Path, dtype_name: str, decode_tokens: int, prefill_batch: int,
         prompt = torch.randint(0, vocabulary, (1, 16), generator=generator)
         outputs = model(input_ids=prompt, use_cache=True)
         cache, token = outputs.past_key_values, outputs.logits[:, -1:].argmax(-1)
+        # Measured after one forward pass: a memory-mapped checkpoint is resident only once read.
+        gc.collect()
+        result["resident_bytes"] = resident_bytes() - baseline
         for _ in range(2):  # warm-up steps, not counted
             outputs = model(input_ids=token, past_key_values=cache, use_cache=True)
             cache, token = outputs.past_key_values, outputs.logits[:, -1:].argmax(-1)

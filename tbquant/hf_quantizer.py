@@ -34,7 +34,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
 from tbquant.nn.convert import build_packed_skeleton
+from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.linear import PackedLinear
+from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.serialization import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,12 @@ class TbquantHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.prepare_for_inference()
+            if isinstance(module, (PackedLinear, PackedEmbedding, ActivationQuantizer)):
+                # Tensors loaded in their stored dtype (scales, learned activation scales, flags)
+                # are views of the memory-mapped file, which stays mapped while any of them lives.
+                for name, tensor in list(module._buffers.items()) + list(module._parameters.items()):
+                    if tensor is not None and tensor.device.type == "cpu":
+                        tensor.data = tensor.data.clone()
         return model
 
     def is_serializable(self) -> bool:
