@@ -118,6 +118,8 @@ class TbquantHfQuantizer(HfQuantizer):
             if isinstance(module, (PackedLinear, PackedEmbedding, ActivationQuantizer)):
                 # Tensors loaded in their stored dtype (scales, learned activation scales, flags)
                 # are views of the memory-mapped file, which stays mapped while any of them lives.
+                # NOTE: SmolLM2's export file was still mapped after this, so another reference
+                # to it remains; it costs up to the file size in resident memory.
                 for name, tensor in list(module._buffers.items()) + list(module._parameters.items()):
                     if tensor is not None and tensor.device.type == "cpu":
                         tensor.data = tensor.data.clone()
