@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
 from tbquant.integrity import verify_export
-from tbquant.nn.convert import build_packed_skeleton
 from tbquant.pipeline.settings import Task
 from tbquant.serialization import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME
 
@@ -41,63 +37,32 @@ def read_quantization_config(path: Path) -> dict:
     return quantization
 
 
-def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
-    if not weights.is_file():
-        raise ExportError(f"{weights} not found: the export is incomplete, export it again")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ExportError(f"{weights} is not a readable safetensors file ({str(error).splitlines()[0]}): the export is corrupt") from None
-
-
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_tokenizer: bool = True, verify: bool = True):
-    """Rebuild a quantized model from a tbquant export; returns `(model, tokenizer)`.
+    """Load a tbquant export with its transformers Auto class; returns `(model, tokenizer)`.
 
-    The model has packed modules in place of the quantized ones and the same activation
-    quantizers as the student that was exported, so its outputs equal the student's. With
-    `verify` (the default), the weight files are first checked against the export's
-    `checksums.sha256`.
+    This is `AutoModelForCausalLM` (or the seq2seq, masked-LM or bare encoder class that the
+    export's task needs) `.from_pretrained(path)` through tbquant's registered quantizer, with
+    checks that turn a missing or foreign directory into a one-line error. The model has packed
+    modules in place of the quantized ones and the same activation quantizers as the student that
+    was exported, so its outputs equal the student's within `OUTPUT_TOLERANCE`. With `verify`
+    (the default), the weight files are first checked against the export's `checksums.sha256`.
 
     Raises:
         ExportError: if the export is missing, incomplete or corrupt, naming the corrupt file.
     """
-    from tbquant.stages.load import AUTO_CLASSES, auto_class
+    from tbquant.stages.load import auto_class
 
     path = Path(path).expanduser()
     quantization = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ExportError(f"{weights} not found: the export is incomplete, export it again")
+
     if verify:
         verify_export(path)
-    task = Task(quantization["task"])
     config = AutoConfig.from_pretrained(path)
-    model_config = copy.deepcopy(config)
-    del model_config.quantization_config
-    if quantization.get("untied"):
-        # The export unties a tied head from a quantized embedding and stores
-        # tie_word_embeddings=False. Building with False would also untie the embeddings that
-        # stay tied (a seq2seq model's encoder and decoder tables), so the model is built tied
-        # and the skeleton unties the head again, as compression did.
-        model_config.tie_word_embeddings = True
-    cls = AUTO_CLASSES.get(task) or auto_class(task, model_config)
-    model = cls.from_config(model_config, dtype=torch.float32)
-
-    build_packed_skeleton(model, QuantizationConfig.from_dict(quantization))
-    tensors = _read_tensors(path / WEIGHTS_NAME)
-    for alias, source in quantization.get("tied", {}).items():
-        if source in tensors:
-            tensors[alias] = tensors[source]
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
-    if missing or unexpected:
-        detail = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise ExportError(f"{path / WEIGHTS_NAME} does not match its config ({detail}): the export is corrupt, export it again")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error).splitlines()[0])
-        raise ExportError(f"{path / WEIGHTS_NAME} does not match its config ({first}): the export is corrupt") from None
-
+    cls = auto_class(Task(quantization["task"]), config)
+    model = cls.from_pretrained(path, dtype=torch.float32)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
     return model, tokenizer

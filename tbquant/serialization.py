@@ -1,7 +1,8 @@
 """The export format: a `save_pretrained`-style directory with packed weights.
 
 - `config.json`: the model's config with a `quantization_config` whose `quant_method` is
-  "tbquant" (`build_quantization_config` lists its fields);
+  "tbquant" (`build_quantization_config` lists its fields) and `transformers_weights` set to
+  `LOAD_GUARD`, so that transformers without tbquant fails instead of loading random weights;
 - `model.safetensors`: packed codes (`<module>.weight_packed`, uint8), per-row scales
   (`<module>.weight_scale`) and offsets (`<module>.weight_offset`, only for centred weights),
   learned activation scales (`<quantizer>.alpha`, float32), quantizer flags (bool) and every
@@ -31,6 +32,10 @@ from tbquant.quantizers.weight import storage_dtype
 QUANT_METHOD = "tbquant"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+
+# Value of `transformers_weights` in an export's config.json. It is not a `.safetensors` name, so
+# transformers 5 rejects it, quoting it, unless tbquant's quantizer replaces it by WEIGHTS_NAME.
+LOAD_GUARD = "model.safetensors is a tbquant export: pip install tbquant and import tbquant before loading it"
 
 
 def build_quantization_config(config: QuantizationConfig, task: Task, conversion: ConversionReport, tied: dict[str, str]) -> dict[str, Any]:

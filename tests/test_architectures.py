@@ -22,6 +22,7 @@ from torch import nn
 import tbquant
 from tbquant.config import QuantizationConfig
 from tbquant.nn import PackedEmbedding, PackedLinear, QuantEmbedding, QuantLinear
+from tbquant.nn.linear import OUTPUT_TOLERANCE
 from tbquant.nn.convert import prepare_student
 from tbquant.quantizers import ActivationQuantizer
 
@@ -132,8 +133,8 @@ def test_distill_runs_all_steps(compressed):
     assert steps == list(range(1, compressed.state.settings.distill.steps + 1))
 
 
-def test_pack_logit_difference_zero(compressed):
-    assert compressed.state.info["pack_max_abs_logit_difference"] == 0
+def test_pack_layer_difference_within_tolerance(compressed):
+    assert compressed.state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
 
 
 def test_loaded_logits_equal_student(compressed):
@@ -237,8 +238,9 @@ def test_packed_code_shapes(compressed):
     for name in compressed.state.conversion.linear:
         module = compressed.loaded.get_submodule(name)
         columns = -(-module.in_features // layouts[module.layout.value])
-        assert module.weight_packed.shape == (module.out_features, columns), name
-        assert module.weight_packed.dtype == torch.uint8, name
+        weight_packed = module.state_dict()["weight_packed"]
+        assert weight_packed.shape == (module.out_features, columns), name
+        assert weight_packed.dtype == torch.uint8, name
 
 
 def test_attention_quantizers_match_acts(compressed):
@@ -319,7 +321,7 @@ def test_seq2seq_quantized_embeddings_load(tiny_model, tmp_path, architecture):
 def test_t5_packs_feed_forward(tiny_model, tmp_path):
     state = run_case(Case("t5-ternary-a8", "t5"), tiny_model("t5"), tmp_path)
 
-    assert state.info["pack_max_abs_logit_difference"] == 0
+    assert state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
 
 
 CONV1D_NAMES = [
@@ -344,6 +346,6 @@ def test_gpt2_end_to_end(tiny_model, tmp_path):
 
     packed = {id(module) for module in result.loaded.modules() if isinstance(module, PackedLinear)}
     assert len(packed) == len(CONV1D_NAMES)
-    assert result.state.info["pack_max_abs_logit_difference"] == 0
+    assert result.state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
     assert mean_loss(result.state.history, first=False) < mean_loss(result.state.history, first=True)
     assert torch.equal(model_output(result.loaded, batch), model_output(result.state.model, batch))

@@ -11,6 +11,7 @@ from support import compress_settings, corpus_words, model_output, real_batch, s
 
 import tbquant
 from tbquant.nn import PackedLinear
+from tbquant.nn.linear import OUTPUT_TOLERANCE
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +49,10 @@ def test_smollm2_distills_two_steps(smollm2_run):
     assert [record["step"] for record in state.history if "loss_total" in record] == [1, 2]
 
 
-def test_smollm2_pack_exact(smollm2_run):
+def test_smollm2_pack_within_tolerance(smollm2_run):
     state, _, _, _ = smollm2_run
 
-    assert state.info["pack_max_abs_logit_difference"] == 0
+    assert state.info["pack_max_relative_layer_difference"] <= OUTPUT_TOLERANCE
 
 
 def test_smollm2_loaded_logits_equal(smollm2_run):

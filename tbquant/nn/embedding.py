@@ -13,7 +13,11 @@ from tbquant.quantizers.weight import dequantize_weight, fake_quantize_weight, q
 
 def _embed_scale(module: nn.Module) -> float:
     # BART and Gemma multiply the looked-up vectors by a constant (sqrt(d_model) or 1.0).
-    scale = getattr(module, "embed_scale", None)
+    # Gemma also keeps the constant as a float. The float is readable while transformers builds
+    # the model on the meta device, but the tensor copy is not.
+    scale = getattr(module, "scalar_embed_scale", None)
+    if scale is None:
+        scale = getattr(module, "embed_scale", None)
     if scale is None:
         return 1.0
     return float(scale)

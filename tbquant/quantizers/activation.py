@@ -111,36 +111,58 @@ class ActivationQuantizer(nn.Module):
             return self._learned(x)
         return self._dynamic(x)
 
-    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the integer codes (as floats) and the scale of `x`, with `forward(x) == codes * scale`.
+
+        The scale is `[..., 1]` (one per token) for dynamic quantizers and a scalar for learned
+        ones. Packed layers compute with the codes directly.
+        """
+        if self.learned:
+            self._check_initialized()
+            return self._learned_codes(x / self.alpha), self.alpha.detach()
+        # The same operations as `_dynamic_codes`, in place where the result is a new tensor.
+        levels = self.levels_above_zero
+        signed = bool(self.signed)
+        scale = (x.abs() if signed else x).amax(dim=-1, keepdim=True).clamp_min_(_MIN_DYNAMIC_SCALE).div_(levels)
+        codes = torch.div(x, scale).round_().clamp_(-levels if signed else 0, levels)
+        return codes, scale
+
+    def _dynamic_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         levels = self.levels_above_zero
         if bool(self.signed):
             scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_DYNAMIC_SCALE) / levels
-            codes = torch.clamp(torch.round(x / scale), -levels, levels)
-        else:
-            scale = x.detach().amax(dim=-1, keepdim=True).clamp_min(_MIN_DYNAMIC_SCALE) / levels
-            codes = torch.clamp(torch.round(x / scale), 0, levels)
+            return torch.clamp(torch.round(x / scale), -levels, levels), scale
+        scale = x.detach().amax(dim=-1, keepdim=True).clamp_min(_MIN_DYNAMIC_SCALE) / levels
+        return torch.clamp(torch.round(x / scale), 0, levels), scale
+
+    def _learned_codes(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Return the codes of `x / alpha`, with straight-through gradients."""
+        if bool(self.signed):
+            scaled = torch.clamp(scaled, -1, 1)
+            return _sign_ste(scaled) if self.bits == 1 else _round_ste(scaled)
+        return _round_ste(torch.clamp(scaled, 0, self.levels_above_zero))
+
+    def _check_initialized(self) -> None:
+        if not bool(self.initialized):
+            raise RuntimeError(
+                f"activation scale of {self.name or 'a quantizer'} is not initialised: run the calibrate "
+                "stage (tbquant.stages.calibrate) before training or inference"
+            )
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._dynamic_codes(x)
         quantized = codes * scale
         if not torch.is_grad_enabled():
             return quantized
         return (quantized - x).detach() + x
 
     def _learned(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
-            raise RuntimeError(
-                f"activation scale of {self.name or 'a quantizer'} is not initialised: run the calibrate "
-                "stage (tbquant.stages.calibrate) before training or inference"
-            )
-        levels = self.levels_above_zero
+        self._check_initialized()
         alpha = self.alpha
         if torch.is_grad_enabled() and alpha.requires_grad:
-            alpha = _scale_gradient(alpha, 1.0 / math.sqrt(x.numel() * levels))
-        scaled = x / alpha
-        if bool(self.signed):
-            scaled = torch.clamp(scaled, -1, 1)
-            codes = _sign_ste(scaled) if self.bits == 1 else _round_ste(scaled)
-        else:
-            codes = _round_ste(torch.clamp(scaled, 0, levels))
-        return codes * alpha
+            alpha = _scale_gradient(alpha, 1.0 / math.sqrt(x.numel() * self.levels_above_zero))
+        return self._learned_codes(x / alpha) * alpha
 
     def extra_repr(self) -> str:
         kind = "learned" if self.learned else "dynamic per-token"

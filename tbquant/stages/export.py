@@ -10,6 +10,7 @@ checked against the size of the weights before anything is written.
 from __future__ import annotations
 
 import copy
+import json
 import csv
 import dataclasses
 import logging
@@ -29,7 +30,7 @@ from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.linear import PackedLinear
 from tbquant.pipeline.registry import register_stage
 from tbquant.pipeline.state import PipelineState
-from tbquant.serialization import WEIGHTS_NAME, build_quantization_config, export_state_dict, save_weights, write_json
+from tbquant.serialization import LOAD_GUARD, WEIGHTS_NAME, build_quantization_config, export_state_dict, save_weights, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ def _save_config(state: PipelineState, directory: Path, tied: dict[str, str]) ->
     if getattr(config, "_attn_implementation", None) == ATTENTION_IMPLEMENTATION:
         config._attn_implementation = None
     config.save_pretrained(directory)
+
+    # transformers drops `transformers_weights` when it saves a config, so it is added afterwards.
+    config_path = directory / "config.json"
+    fields = json.loads(config_path.read_text(encoding="utf-8"))
+    fields["transformers_weights"] = LOAD_GUARD
+    write_json(config_path, fields)
 
 
 def _apply_umask(directory: Path) -> None:
