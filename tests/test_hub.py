@@ -202,7 +202,7 @@ def test_push_without_namespace_uses_token_owner(hub, export_dir, tmp_path):
 
     card = hub.repositories["tester/tiny-llama-ternary"].commits[-1].files["README.md"].decode("utf-8")
     assert result.returncode == 0, result.stderr
-    assert 'snapshot_download("tester/tiny-llama-ternary")' in card
+    assert 'from_pretrained("tester/tiny-llama-ternary")' in card
 
 
 def test_token_option_takes_precedence(hub, export_dir, tmp_path):
@@ -437,7 +437,8 @@ def test_card_usage_with_transformers_integration(export_dir, monkeypatch):
     assert f'model = AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in card
 
 
-def test_card_usage_without_transformers_integration(export_dir):
+def test_card_usage_without_transformers_integration(export_dir, monkeypatch):
+    monkeypatch.setattr("tbquant.model_card._transformers_loads_exports", lambda: False)
     card = render_model_card(export_dir, REPO_ID)
 
     assert f'model, tokenizer = tbquant.load_quantized(snapshot_download("{REPO_ID}"))' in card
@@ -454,7 +455,7 @@ def test_export_card_written_by_compress(built_export):
     card = (built_export / "README.md").read_text(encoding="utf-8")
 
     assert card == render_model_card(built_export)
-    assert 'tbquant.load_quantized("tiny-llama-export")' in card
+    assert 'AutoModelForCausalLM.from_pretrained("tiny-llama-export")' in card
 
 
 # Facts about the base model

@@ -350,7 +350,9 @@ class DistillationRun:
                 return None
             self.export_copy.load_state_dict(full_state)
             return self.export_copy
-        return self.accelerator.unwrap_model(self.student).to("cpu")
+        # keep_fp32_wrapper=False removes the autocast wrapper that mixed precision puts on
+        # forward, so the pack stage and the export compute in float32.
+        return self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False).to("cpu")
 
 
 @register_stage
