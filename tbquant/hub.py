@@ -51,6 +51,7 @@ CARD_NAME = "README.md"
 # Either file lets AutoTokenizer rebuild the tokenizer. save_pretrained writes both for fast tokenizers.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
+OFFLINE_MESSAGE = "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset HF_HUB_OFFLINE to push to the Hub"
 # Text files that `warn_about_local_paths` reads, up to this size each.
 _TEXT_SUFFIXES = (".json", ".csv", ".md", ".txt", ".jinja", ".yaml")
 _MAX_SCANNED_BYTES = 10_000_000
@@ -139,6 +140,8 @@ def check_export(directory: Path) -> None:
     """
     from tbquant.loading import load_quantized
 
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory} is a file, not an export directory: pass the --output directory of tbquant compress")
     if not directory.is_dir():
         raise ExportError(f"export directory {directory} not found: pass the --output directory of tbquant compress")
     _check_config(directory)
@@ -216,9 +219,9 @@ def prepare_upload(
     """
     check_repo_id(repo_id)
     if revision is not None and not revision.strip():
-        raise HubError("invalid --revision '': pass a branch name, or leave the option out to upload to main")
+        raise HubError(f"invalid --revision {revision!r}: pass a branch name, or leave the option out to upload to main")
     if commit_message is not None and not commit_message.strip():
-        raise HubError("invalid --commit-message '': pass a non-empty message, or leave the option out for the default")
+        raise HubError(f"invalid --commit-message {commit_message!r}: pass a non-empty message, or leave the option out for the default")
 
     directory = Path(directory).expanduser()
     check_export(directory)
@@ -332,7 +335,7 @@ def upload(plan: UploadPlan, token: str, endpoint: str | None = None) -> CommitI
     except HfHubHTTPError as error:
         message = _describe_http_error(error, plan, api.endpoint)
     except OfflineModeIsEnabled:
-        message = "HF_HUB_OFFLINE is set, so nothing can be uploaded: unset HF_HUB_OFFLINE to push to the Hub"
+        message = OFFLINE_MESSAGE
     except (TransportError, ConnectionError) as error:
         message = f"cannot reach the Hub at {api.endpoint} ({type(error).__name__}: {error}): check the network connection and HF_ENDPOINT"
     raise HubError(message.replace(token, "***"))

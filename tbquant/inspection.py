@@ -97,7 +97,7 @@ def read_header(weights: Path) -> tuple[dict[str, TensorEntry], int]:
             (header_length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(header_length))
     except (SafetensorError, OSError, ValueError, struct.error) as error:
-        raise ExportError(f"{weights} is not a readable safetensors file ({str(error).splitlines()[0]}): the export is corrupt") from None
+        raise ExportError(f"{weights} is not a readable safetensors file ({str(error).splitlines()[0]}): the export is corrupt, export it again") from None
     header.pop("__metadata__", None)
     entries = {
         name: TensorEntry(info["dtype"], tuple(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0])

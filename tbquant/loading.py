@@ -20,6 +20,8 @@ def read_quantization_config(path: Path) -> dict:
     Raises:
         ExportError: if `path` is not a tbquant export of a format this version reads.
     """
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"{path} is a file, not an export directory: pass the --output directory of tbquant compress")
     if not path.is_dir():
         raise ExportError(f"export directory {path} not found: pass the --output directory of tbquant compress")
     config_path = path / "config.json"
@@ -29,9 +31,11 @@ def read_quantization_config(path: Path) -> dict:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{config_path} is not valid JSON ({error}): the export is corrupt, export it again") from None
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") != QUANT_METHOD:
-        raise ExportError(f"{path} is not a tbquant export (quant_method {quantization.get('quant_method')!r})")
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method != QUANT_METHOD:
+        found = f"quant_method {method!r}" if method else "no quantization_config"
+        raise ExportError(f"{path} is not a tbquant export (its config.json has {found}): pass the --output directory of tbquant compress")
     if quantization.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(f"{path} uses export format {quantization['format_version']}: upgrade tbquant to read it")
     return quantization

@@ -347,7 +347,7 @@ def test_bad_data(tiny_model, tmp_path, name, content, message):
 def test_unknown_metric(tiny_model):
     result = run_cli("eval", str(tiny_model("llama")), "--data", str(VALID_TEXT), "--metric", "bertscore")
 
-    assert_one_line_error(result, "bertscore", "unknown metric", "perplexity")
+    assert_one_line_error(result, "bertscore", "invalid --metric", "perplexity")
 
 
 def test_rouge_on_encoder(tiny_model, tmp_path):

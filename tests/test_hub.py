@@ -258,6 +258,17 @@ def test_save_card_writes_refreshed_card(hub, export_dir, tmp_path):
     assert sorted(path.name for path in export_dir.iterdir() if path.name.startswith(".")) == []
 
 
+def test_failed_push_keeps_card(hub, export_dir, tmp_path):
+    card = (export_dir / "README.md").read_text(encoding="utf-8")
+    hub.fail("commit", 500)
+
+    result = push(hub, tmp_path / "hf", str(export_dir), REPO_ID, "--save-card")
+
+    assert_one_line_error(result, "500 Internal Server Error")
+    assert render_model_card(export_dir, REPO_ID) != card
+    assert (export_dir / "README.md").read_text(encoding="utf-8") == card
+
+
 def test_broken_export_refused(hub, export_dir, tmp_path):
     weights = export_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -53,14 +53,17 @@ def _read_examples(path: Path, option: str) -> list[Example]:
     return read_file(path)
 
 
-def _split_few_shot(examples: list[Example], count: int, few_shot_data: Path | None) -> tuple[list[Example], list[Example]]:
-    """Return the few-shot examples and the examples left to evaluate."""
+def _split_few_shot(examples: list[Example], count: int, data: Path, few_shot_data: Path | None) -> tuple[list[Example], list[Example]]:
+    """Return the few-shot examples and the examples of `data` left to evaluate."""
     if count == 0:
         return [], examples
     source = _read_examples(few_shot_data, "--few-shot-data") if few_shot_data else examples
     pairs = [example for example in source if example.is_pair]
     if len(pairs) < count:
-        raise DataError(f"--few-shot {count} needs {count} source/target pairs, but {few_shot_data or 'the data'} has {len(pairs)}")
+        raise DataError(
+            f"--few-shot {count} needs {count} source/target pairs, but {few_shot_data or data} has {len(pairs)}: "
+            "pass a smaller --few-shot, or more pairs with --few-shot-data"
+        )
     if few_shot_data:
         return pairs[:count], examples
     return pairs[:count], [example for example in examples if not any(example is shot for shot in pairs[:count])]
@@ -170,7 +173,7 @@ def eval_command(
 ) -> None:
     """Measure a model on task data (perplexity, ROUGE, BLEU, chrF, agreement), side by side with its teacher."""
     from tbquant.cli.main import _setup_logging
-    from tbquant.metrics import EvalSettings, choose_metrics, data_kind, load_for_eval, run_evaluation
+    from tbquant.metrics import METRICS, EvalSettings, choose_metrics, data_kind, load_for_eval, run_evaluation
     from tbquant.metrics.generation import DEFAULT_TEMPLATES, PromptSettings, default_generation
     from tbquant.pipeline.settings import Task
 
@@ -179,6 +182,9 @@ def eval_command(
         raise TbquantError(f"invalid --limit {limit}: expected an integer of at least 1")
     if few_shot < 0:
         raise TbquantError(f"invalid --few-shot {few_shot}: expected an integer of at least 0")
+    for name in metric or []:
+        if name not in METRICS:
+            raise TbquantError(f"invalid --metric {name!r}: expected {', '.join(METRICS[:-1])} or {METRICS[-1]}")
     if update_card:
         from tbquant.metrics.suite import is_export
 
@@ -198,13 +204,17 @@ def eval_command(
     loaded_teacher = None
     if teacher is not None:
         logger.info("Loading the teacher %s", teacher)
-        loaded_teacher = load_for_eval(teacher, trust_remote_code, revision)
+        try:
+            loaded_teacher = load_for_eval(teacher, trust_remote_code, revision)
+        except TbquantError as error:
+            # The student loaded, so name the option whose model failed.
+            raise type(error)(f"--teacher: {error}") from None
     metrics = choose_metrics(metric, student, loaded_teacher, kind)
 
     generates = any(name in ("rouge", "bleu", "chrf") for name in metrics)
     if few_shot and not generates:
         logger.warning("--few-shot %d is ignored: it applies only to the generation metrics rouge, bleu and chrf", few_shot)
-    shots, examples = _split_few_shot(examples, few_shot if generates else 0, few_shot_data)
+    shots, examples = _split_few_shot(examples, few_shot if generates else 0, data, few_shot_data)
     if few_shot and student.task != Task.CAUSAL_LM:
         raise TbquantError(f"--few-shot applies to decoder-only models, but {model} is a {student.task.value} model: drop --few-shot")
     if chat and student.tokenizer.chat_template is None:

@@ -48,25 +48,33 @@ def push_to_hub(
     token: Annotated[str | None, typer.Option(help="Hugging Face token with write access \\[default: HF_TOKEN, then the login stored by hf auth login].", show_default=False)] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the export and print the files, their sizes and the model card, without sending anything.")] = False,
-    save_card: Annotated[bool, typer.Option("--save-card", help="Also write the refreshed model card into DIR/README.md (otherwise DIR is not changed).")] = False,
+    save_card: Annotated[bool, typer.Option("--save-card", help="Also write the refreshed model card into DIR/README.md once the upload succeeded, or at once with --dry-run (otherwise DIR is not changed).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs, and tracebacks of failures.")] = False,
 ) -> None:
     """Check an export, refresh its model card and upload it to the Hugging Face Hub in one commit."""
+    from huggingface_hub import constants
+
     from tbquant.cli.main import _setup_logging
-    from tbquant.hub import check_repo_id, prepare_upload, resolve_token, upload
+    from tbquant.errors import HubError
+    from tbquant.hub import OFFLINE_MESSAGE, check_repo_id, prepare_upload, resolve_token, upload
     from tbquant.hub import save_card as write_card
 
     _setup_logging(verbose)
     check_repo_id(repo_id)
-    # A missing token fails before the export is loaded; a dry run needs none.
+    # Offline mode and a missing token fail before the export is loaded; a dry run needs neither.
+    if not dry_run and constants.is_offline_mode():
+        raise HubError(OFFLINE_MESSAGE)
     resolved_token = None if dry_run else resolve_token(token)
     plan = prepare_upload(directory, repo_id, revision=revision, commit_message=commit_message, private=private, create_pr=create_pr)
-    if save_card:
-        write_card(plan)
     if dry_run:
+        if save_card:
+            write_card(plan)
         _print_plan(plan)
         return
 
     commit = upload(plan, resolved_token)
+    # The card is written only after the upload succeeded, so that a failed push leaves DIR unchanged.
+    if save_card:
+        write_card(plan)
     console.print(f"Uploaded {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB) to {plan.repo_id} in commit {commit.oid}")
     console.print(f"Pull request: {commit.pr_url}" if commit.pr_url else f"Commit: {commit.commit_url}")
