@@ -43,10 +43,10 @@ def build_accelerator(runtime: RuntimeSettings) -> Accelerator:
     ddp_options = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(cpu=uses_cpu(runtime), mixed_precision=runtime.mixed_precision, kwargs_handlers=[ddp_options])
     logger.info(
-        "Distillation runs on %s: %d process(es), %s, mixed precision %s",
+        "Distillation runs on %s: %d process(es), distributed type %s, mixed precision %s",
         accelerator.device,
         accelerator.num_processes,
-        accelerator.distributed_type.value,
+        str(accelerator.distributed_type.value).lower(),
         accelerator.mixed_precision,
     )
     return accelerator
