@@ -18,7 +18,6 @@ Hub failures raise `HubError` with a one-line message that names the fix. No mes
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -38,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from tbquant import __version__
 from tbquant.errors import ExportError, HubError, TbquantError
 from tbquant.model_card import render_model_card
-from tbquant.serialization import QUANT_METHOD, WEIGHTS_NAME
+from tbquant.serialization import WEIGHTS_NAME
 
 try:
     from httpx2 import TransportError
@@ -99,19 +98,6 @@ def check_repo_id(repo_id: str) -> None:
         ) from None
 
 
-def _check_config(directory: Path) -> None:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ExportError(f"{directory} has no config.json: pass the --output directory of tbquant compress")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExportError(f"config.json in {directory} is not valid JSON ({error}): export the model again") from None
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
-        raise ExportError(f"{directory} is not a tbquant export (config.json has no tbquant quantization_config): pass the --output directory of tbquant compress")
-
-
 def _check_weights(directory: Path) -> None:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -138,13 +124,9 @@ def check_export(directory: Path) -> None:
     Raises:
         ExportError: naming the first problem.
     """
-    from tbquant.loading import load_quantized
+    from tbquant.loading import load_quantized, read_quantization_config
 
-    if directory.exists() and not directory.is_dir():
-        raise ExportError(f"{directory} is a file, not an export directory: pass the --output directory of tbquant compress")
-    if not directory.is_dir():
-        raise ExportError(f"export directory {directory} not found: pass the --output directory of tbquant compress")
-    _check_config(directory)
+    read_quantization_config(directory)
     _check_weights(directory)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise ExportError(f"{directory} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): export the model again")
@@ -193,7 +175,9 @@ def warn_about_local_paths(directory: Path, files: list[Path]) -> list[str]:
 
 
 def default_commit_message(directory: Path) -> str:
-    quantization = json.loads((directory / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    from tbquant.loading import read_quantization_config
+
+    quantization = read_quantization_config(directory)
     scheme = quantization.get("weights", {}).get("scheme", "ternary")
     bits = quantization.get("activations", {}).get("bits")
     activations = f"{bits}-bit" if bits else "full-precision"

@@ -211,6 +211,12 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
     )
     activations = quantization.get("activations", {})
     bits = activations.get("bits")
+    if bits is None:
+        scales = None
+    elif bits <= 2:
+        scales = "learned"
+    else:
+        scales = "dynamic per token"
     return {
         "path": str(path),
         "base_model": _base_model(path),
@@ -220,7 +226,7 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
         "activations": {
             "bits": bits,
             "attention": bool(activations.get("attention")) and bool(quantization.get("attention_modules")),
-            "scales": None if bits is None else ("learned" if bits <= 2 else "dynamic per token"),
+            "scales": scales,
         },
         "fp_dtype": quantization.get("fp_dtype"),
         "groups": {name: figures.to_dict() for name, figures in groups.items() if figures.tensors},

@@ -9,7 +9,7 @@ codes to `rows` (a multiple of `P`) by `columns` (a multiple of 8, so that rows 
 words). Byte `(r, j)` contains the codes of rows `r, r + h, ..., r + (P - 1) * h` in column `j`,
 with `h = rows / P`; plane `i` sits in bits `bits * i` to `bits * i + bits - 1`.
 
-Example (ternary, 8 rows, h = 2): byte (0, 0) holds column 0 of rows 0, 2, 4 and 6. With the
+Example (ternary, 8 rows, h = 2): byte (0, 0) contains column 0 of rows 0, 2, 4 and 6. With the
 values [-1, 0, 1, 1] there, `u` is [0, 1, 2, 2] and the byte is 0 | 1 << 2 | 2 << 4 | 2 << 6 = 164.
 
 Unpacking shifts each 64-bit word right by `bits * i` and masks the low `bits` of every byte at

@@ -29,8 +29,10 @@ class TrainingError(TbquantError):
 class ScaleMonitor:
     """Watch the learned activation scales of a student and report each degenerate one by layer.
 
-    Every quantizer is reported at most once per run, at the first step its scale is non-finite,
-    not positive, below `COLLAPSE_RATIO` or above `EXPLOSION_RATIO` times its calibrated value.
+    Every quantizer is reported at most once per process, at the first step its scale is non-finite,
+    not positive, below `COLLAPSE_RATIO` or above `EXPLOSION_RATIO` times its reference value.
+    NOTE: after --resume the reference is the resumed scale, not the calibrated one, and faults
+    reported before the interruption are reported again if they persist.
     """
 
     def __init__(self, model: nn.Module) -> None:
