@@ -15,7 +15,7 @@ from torch import nn
 
 from tbquant import packing
 from tbquant.config import WeightQuantConfig
-from tbquant.nn import kernels
+from tbquant.nn import kernels, native
 from tbquant.quantizers.activation import ActivationQuantizer, QuantPoint
 from tbquant.quantizers.weight import dequantize_weight, fake_quantize_weight, quantize_weight, storage_dtype
 
@@ -128,6 +128,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_code_sums", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.input_quantizer = ActivationQuantizer(activation_bits, QuantPoint.INPUT) if activation_bits else None
+        self._native_kernel: native.PackedKernel | None = None
 
     @classmethod
     def from_quant_linear(cls, module: QuantLinear, layout: packing.Layout) -> PackedLinear:
@@ -203,10 +204,14 @@ class PackedLinear(nn.Module):
             self.weight_packed = torch.zeros(self.out_features, columns, dtype=torch.uint8, device=self.weight_scale.device)
         self.weight_planes = None
         self.weight_code_sums = None
+        self._native_kernel = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is None:
+        quantizer = self.input_quantizer
+        if x.numel() <= native.MAX_TOKENS * self.in_features and (quantizer is None or quantizer.observer is None) and native.usable(x):
+            return self._native_forward(x)
+        if quantizer is None:
             weight = self.dequantized_weight(x.dtype)
             return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         return self._integer_forward(x)
@@ -226,6 +231,45 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             output += self.bias.float()
         return output.view(*leading, self.out_features).to(x.dtype)
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute a few tokens with the fused CPU kernel (`tbquant.nn.native`): same formula, one call."""
+        kernel = self._native_kernel or self._build_native_kernel()
+        quantizer = self.input_quantizer
+        alpha = float(quantizer.alpha) if quantizer is not None and quantizer.learned else 1.0
+        output = kernel(x.reshape(-1, self.in_features).float().contiguous(), alpha)
+        return output.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _build_native_kernel(self) -> native.PackedKernel:
+        """Prepare the fused kernel's view of this layer (once; `_apply` and loading reset it)."""
+        self.prepare_for_inference()
+        quantizer = self.input_quantizer
+        settings = None
+        if quantizer is not None:
+            levels = quantizer.levels_above_zero
+            signed = bool(quantizer.signed)
+            if not quantizer.learned:
+                mode = native.DYNAMIC
+            else:
+                quantizer._check_initialized()
+                mode = native.LEARNED_SIGN if quantizer.bits == 1 and signed else native.LEARNED_ROUND
+            settings = (mode, levels, signed, kernels.UNSIGNED_SHIFT if levels > 127 else 0)
+        self._native_kernel = native.PackedKernel(
+            self.weight_planes,
+            self.code_bits,
+            self.in_features,
+            self.weight_code_sums,
+            self.weight_scale.float().contiguous(),
+            None if self.weight_offset is None else self.weight_offset.float().contiguous(),
+            None if self.bias is None else self.bias.detach().float().contiguous(),
+            settings,
+        )
+        return self._native_kernel
+
+    def _apply(self, fn, recurse=True):
+        # Moving or converting the module replaces its tensors: the kernel's addresses go stale.
+        self._native_kernel = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout.value}"

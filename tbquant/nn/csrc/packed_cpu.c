@@ -1,0 +1,405 @@
+/*
+ * Fused CPU kernels for packed ternary and binary layers (tbquant.nn.native loads them).
+ *
+ * The codes are in the planar layout of tbquant/nn/kernels.py: with P = 8 / bits planes, byte
+ * (r, j) of a [height, columns] uint8 matrix holds the unsigned codes u of rows r, r + height,
+ * ..., r + (P - 1) * height in column j, plane i in bits bits * i to bits * i + bits - 1.
+ * Ternary weights are w = u - 1 (2 bits), binary weights w = 2u - 1 (1 bit).
+ *
+ * Each call reads every byte of the codes once per token and produces P output rows from it,
+ * so a layer costs one pass over its 2-bit (or 1-bit) codes instead of unpacking them to a
+ * full matrix first. The formulas are those of tbquant/nn/kernels.py and tbquant/nn/linear.py,
+ * in the same order of float operations, so the outputs equal the torch path's.
+ *
+ * Built by tbquant/nn/native.py with the system C compiler (-O3 -march=native); the loops are
+ * written for the compiler's auto-vectorizer, with no intrinsics, so the same source builds on
+ * x86-64 and ARM.
+ */
+
+#include <math.h>
+#include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TBQ_ABI_VERSION 2
+
+/* Activation quantization modes, matching tbquant.quantizers.activation.ActivationQuantizer. */
+#define TBQ_DYNAMIC 0 /* per-token absmax: s = max(amax, 1e-8) / levels, c = clamp(round(x / s)) */
+#define TBQ_LEARNED_ROUND 1 /* c = round(clamp(x / alpha, low, levels)) */
+#define TBQ_LEARNED_SIGN 2  /* c = x / alpha >= 0 ? 1 : -1 */
+
+#define TBQ_MIN_DYNAMIC_SCALE 1e-8f
+
+int tbq_abi_version(void) { return TBQ_ABI_VERSION; }
+
+/* One packed layer: everything a call needs besides its input (built once per layer). */
+typedef struct {
+    const uint8_t *planes;       /* [height, columns] planar codes */
+    int64_t height;
+    int64_t columns;             /* in_features padded to a multiple of 8 */
+    int64_t in_features;
+    int64_t out_features;
+    const int32_t *weight_sums;  /* U[n] = sum_k u[n, k] */
+    const float *row_scale;      /* a[n] */
+    const float *row_offset;     /* mu[n], or NULL */
+    const float *bias;           /* or NULL */
+    int32_t bits;                /* 2 (ternary) or 1 (binary) */
+    int32_t mode;                /* TBQ_DYNAMIC, TBQ_LEARNED_ROUND or TBQ_LEARNED_SIGN */
+    int32_t levels;              /* Qp */
+    int32_t is_signed;
+    int32_t shift;               /* z, subtracted from the codes to fit int8 */
+} tbq_layer;
+
+/*
+ * Quantize one token's activations to int8 codes c' = c - shift and return the code sum
+ * S = sum c (as float, exactly) and the scale s.
+ */
+static void quantize_token(const float *x, int64_t in_features, int64_t columns, int mode, int levels, int is_signed,
+                           float alpha, int shift, int8_t *codes, float *code_sum, float *scale) {
+    float low = is_signed ? (float)-levels : 0.0f;
+    float high = (float)levels;
+    int32_t sum = 0;
+
+    if (mode == TBQ_DYNAMIC) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < in_features; k++) {
+            float v = is_signed ? fabsf(x[k]) : x[k];
+            amax = v > amax ? v : amax;
+        }
+        float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
+        for (int64_t k = 0; k < in_features; k++) {
+            float c = nearbyintf(x[k] / s);
+            c = c < low ? low : (c > high ? high : c);
+            int32_t code = (int32_t)c - shift;
+            codes[k] = (int8_t)code;
+            sum += code;
+        }
+        *scale = s;
+    } else {
+        for (int64_t k = 0; k < in_features; k++) {
+            float v = x[k] / alpha;
+            float c;
+            if (mode == TBQ_LEARNED_SIGN) {
+                v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+                c = v >= 0.0f ? 1.0f : -1.0f;
+            } else {
+                v = v < low ? low : (v > high ? high : v);
+                c = nearbyintf(v);
+            }
+            int32_t code = (int32_t)c - shift;
+            codes[k] = (int8_t)code;
+            sum += code;
+        }
+        *scale = alpha;
+    }
+    memset(codes + in_features, 0, (size_t)(columns - in_features));
+    *code_sum = (float)sum + (float)shift * (float)in_features;
+}
+
+/*
+ * D[i] = sum_j c'[j] * u_i[j] for the P rows of one byte row: P = 4 (ternary, 2 bits) or 8
+ * (binary, 1 bit). On x86-64 with AVX-512 VNNI or AVX2, each step multiplies 64 or 32 columns
+ * of unsigned codes by signed activation codes and sums them into int32 lanes. The portable loop
+ * handles other CPUs and the last columns.
+ */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TBQ_VECTOR 64
+static inline int64_t dot_planes_vector(const int8_t *codes, const uint8_t *row, int64_t columns, int bits, int32_t *dots) {
+    int planes = 8 / bits;
+    __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
+    __m512i sums[8];
+    for (int i = 0; i < planes; i++)
+        sums[i] = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + TBQ_VECTOR <= columns; j += TBQ_VECTOR) {
+        __m512i packed = _mm512_loadu_si512((const void *)(row + j));
+        __m512i activations = _mm512_loadu_si512((const void *)(codes + j));
+        for (int i = 0; i < planes; i++) {
+            __m512i weights = _mm512_and_si512(_mm512_srli_epi16(packed, bits * i), mask);
+            sums[i] = _mm512_dpbusd_epi32(sums[i], weights, activations);
+        }
+    }
+    for (int i = 0; i < planes; i++)
+        dots[i] = _mm512_reduce_add_epi32(sums[i]);
+    return j;
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define TBQ_VECTOR 32
+static inline int32_t reduce_add_256(__m256i v) {
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
+    sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
+    return _mm_cvtsi128_si32(sum);
+}
+static inline int64_t dot_planes_vector(const int8_t *codes, const uint8_t *row, int64_t columns, int bits, int32_t *dots) {
+    int planes = 8 / bits;
+    __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));
+    __m256i ones = _mm256_set1_epi16(1);
+    __m256i sums[8];
+    for (int i = 0; i < planes; i++)
+        sums[i] = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + TBQ_VECTOR <= columns; j += TBQ_VECTOR) {
+        __m256i packed = _mm256_loadu_si256((const __m256i *)(row + j));
+        __m256i activations = _mm256_loadu_si256((const __m256i *)(codes + j));
+        for (int i = 0; i < planes; i++) {
+            __m256i weights = _mm256_and_si256(_mm256_srli_epi16(packed, bits * i), mask);
+            /* Pairs of u * c' fit in int16 (|u| <= 3, |c'| <= 128), then pairs of pairs in int32. */
+            __m256i pairs = _mm256_maddubs_epi16(weights, activations);
+            sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+    for (int i = 0; i < planes; i++)
+        dots[i] = reduce_add_256(sums[i]);
+    return j;
+}
+#else
+static inline int64_t dot_planes_vector(const int8_t *codes, const uint8_t *row, int64_t columns, int bits, int32_t *dots) {
+    (void)codes, (void)row, (void)columns;
+    for (int i = 0; i < 8 / bits; i++)
+        dots[i] = 0;
+    return 0;
+}
+#endif
+
+static inline void dot_planes(const int8_t *codes, const uint8_t *row, int64_t columns, int bits, int32_t *dots) {
+    int planes = 8 / bits;
+    uint32_t mask = (1u << bits) - 1u;
+    for (int64_t j = dot_planes_vector(codes, row, columns, bits, dots); j < columns; j++) {
+        int32_t c = codes[j];
+        uint32_t b = row[j];
+        for (int i = 0; i < planes; i++)
+            dots[i] += c * (int32_t)((b >> (bits * i)) & mask);
+    }
+}
+
+/*
+ * y[m, n] = s[m] * a[n] * sum_k c[m, k] w[n, k] + s[m] * mu[n] * S[m] + bias[n]
+ *
+ * x: [tokens, in_features] float32; alpha: the learned scale (ignored by TBQ_DYNAMIC);
+ * out: [tokens, out_features] float32. Returns 0, or -1 if the workspace cannot be allocated.
+ */
+int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, float *out) {
+    const uint8_t *planes = layer->planes;
+    int64_t height = layer->height, columns = layer->columns, in_features = layer->in_features;
+    int64_t out_features = layer->out_features;
+    const int32_t *weight_sums = layer->weight_sums;
+    const float *row_scale = layer->row_scale, *row_offset = layer->row_offset, *bias = layer->bias;
+    int bits = layer->bits, shift = layer->shift;
+
+    int8_t *codes = malloc((size_t)(tokens * columns));
+    float *code_sums = malloc((size_t)tokens * sizeof(float));
+    float *scales = malloc((size_t)tokens * sizeof(float));
+    if (!codes || !code_sums || !scales) {
+        free(codes), free(code_sums), free(scales);
+        return -1;
+    }
+    for (int64_t m = 0; m < tokens; m++)
+        quantize_token(x + m * in_features, in_features, columns, layer->mode, layer->levels, layer->is_signed, alpha, shift,
+                       codes + m * columns, code_sums + m, scales + m);
+
+    int planes_per_byte = 8 / bits;
+    int binary = bits == 1;
+    for (int64_t r = 0; r < height; r++) {
+        const uint8_t *row = planes + r * columns;
+        for (int64_t m = 0; m < tokens; m++) {
+            int32_t dots[8];
+            dot_planes(codes + m * columns, row, columns, bits, dots);
+            float s = scales[m];
+            float code_sum = code_sums[m];
+            for (int i = 0; i < planes_per_byte; i++) {
+                int64_t n = i * height + r;
+                if (n >= out_features)
+                    break;
+                /* sum c w = D + z U - S (ternary) or 2 (D + z U) - S (binary), exact in int32. */
+                int32_t d = dots[i] + shift * weight_sums[n];
+                int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
+                float y = (float)dot * s;
+                y *= row_scale[n];
+                if (row_offset)
+                    y += (s * code_sum) * row_offset[n];
+                if (bias)
+                    y += bias[n];
+                out[m * out_features + n] = y;
+            }
+        }
+    }
+    free(codes), free(code_sums), free(scales);
+    return 0;
+}
+
+/*
+ * Float dot product in TBQ_LANES independent partial sums, which the compiler vectorizes
+ * without reordering float additions (no -ffast-math needed).
+ */
+#define TBQ_LANES 16
+
+static inline float dot_lanes(const float *a, const float *b, int64_t length) {
+    float partial[TBQ_LANES] = {0};
+    int64_t j = 0;
+    for (; j + TBQ_LANES <= length; j += TBQ_LANES)
+        for (int l = 0; l < TBQ_LANES; l++)
+            partial[l] += a[j + l] * b[j + l];
+    float total = 0.0f;
+    for (int l = 0; l < TBQ_LANES; l++)
+        total += partial[l];
+    for (; j < length; j++)
+        total += a[j] * b[j];
+    return total;
+}
+
+/*
+ * Full-precision inputs: y[m, n] = a[n] * sum_k x[m, k] w[n, k] + mu[n] * sum_k x[m, k] + bias[n],
+ * summed in float32. x is [tokens, columns], zero beyond in_features (the caller pads it).
+ */
+int tbq_linear_float(const tbq_layer *layer, const float *x, int64_t tokens, float *out) {
+    const uint8_t *planes = layer->planes;
+    int64_t height = layer->height, columns = layer->columns, out_features = layer->out_features;
+    const float *row_scale = layer->row_scale, *row_offset = layer->row_offset, *bias = layer->bias;
+    int bits = layer->bits;
+    float *weights = malloc((size_t)columns * sizeof(float));
+    float *input_sums = malloc((size_t)tokens * sizeof(float));
+    if (!weights || !input_sums) {
+        free(weights), free(input_sums);
+        return -1;
+    }
+    for (int64_t m = 0; m < tokens; m++) {
+        float total = 0.0f;
+        for (int64_t j = 0; j < columns; j++)
+            total += x[m * columns + j];
+        input_sums[m] = total;
+    }
+
+    int planes_per_byte = 8 / bits;
+    uint32_t mask = (1u << bits) - 1u;
+    float factor = bits == 1 ? 2.0f : 1.0f;
+    for (int64_t r = 0; r < height; r++) {
+        const uint8_t *row = planes + r * columns;
+        for (int i = 0; i < planes_per_byte; i++) {
+            int64_t n = i * height + r;
+            if (n >= out_features)
+                break;
+            int shift = bits * i;
+            for (int64_t j = 0; j < columns; j++)
+                weights[j] = factor * (float)((row[j] >> shift) & mask) - 1.0f;
+            for (int64_t m = 0; m < tokens; m++) {
+                float y = dot_lanes(x + m * columns, weights, columns) * row_scale[n];
+                if (row_offset)
+                    y += input_sums[m] * row_offset[n];
+                if (bias)
+                    y += bias[n];
+                out[m * out_features + n] = y;
+            }
+        }
+    }
+    free(weights), free(input_sums);
+    return 0;
+}
+
+/*
+ * y[m, n] = sum_k x[m, k] W[n, k] + bias[n] with a 16-bit weight (float16 or bfloat16) and
+ * float32 inputs and outputs, for full-precision tensors kept in their stored 16-bit dtype (an
+ * output head). Rows are split over `threads` POSIX threads: a head is large enough (tens of MB)
+ * that starting threads costs little.
+ */
+static inline float half_to_float(uint16_t bits) {
+    uint32_t sign = (uint32_t)(bits & 0x8000u) << 16;
+    uint32_t exponent = (bits >> 10) & 0x1fu;
+    uint32_t mantissa = bits & 0x3ffu;
+    uint32_t word;
+    if (exponent == 0x1fu) {
+        word = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent == 0) {
+        float value = ldexpf((float)mantissa, -24);
+        memcpy(&word, &value, sizeof(word));
+        word |= sign;
+    } else {
+        word = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    float result;
+    memcpy(&result, &word, sizeof(result));
+    return result;
+}
+
+static void half_row_to_float(const uint16_t *source, float *row, int64_t length) {
+    int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; k + 8 <= length; k += 8)
+        _mm256_storeu_ps(row + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(source + k))));
+#endif
+    for (; k < length; k++)
+        row[k] = half_to_float(source[k]);
+}
+
+static void bfloat_row_to_float(const uint16_t *source, float *row, int64_t length) {
+    uint32_t *words = (uint32_t *)row;
+    for (int64_t k = 0; k < length; k++)
+        words[k] = (uint32_t)source[k] << 16;
+}
+
+typedef struct {
+    const float *x;
+    int64_t tokens, in_features, out_features, first, last;
+    const uint16_t *weight;
+    int bfloat;
+    const float *bias;
+    float *out;
+    int status;
+} tbq_half_job;
+
+static void *half_linear_rows(void *argument) {
+    tbq_half_job *job = argument;
+    float *row = malloc((size_t)job->in_features * sizeof(float));
+    if (!row) {
+        job->status = -1;
+        return NULL;
+    }
+    for (int64_t n = job->first; n < job->last; n++) {
+        const uint16_t *source = job->weight + n * job->in_features;
+        if (job->bfloat)
+            bfloat_row_to_float(source, row, job->in_features);
+        else
+            half_row_to_float(source, row, job->in_features);
+        for (int64_t m = 0; m < job->tokens; m++) {
+            float acc = dot_lanes(job->x + m * job->in_features, row, job->in_features);
+            job->out[m * job->out_features + n] = job->bias ? acc + job->bias[n] : acc;
+        }
+    }
+    free(row);
+    job->status = 0;
+    return NULL;
+}
+
+#define TBQ_MAX_THREADS 64
+
+int tbq_half_linear(const float *x, int64_t tokens, int64_t in_features, const uint16_t *weight, int bfloat,
+                    int64_t out_features, const float *bias, float *out, int threads) {
+    threads = threads < 1 ? 1 : (threads > TBQ_MAX_THREADS ? TBQ_MAX_THREADS : threads);
+    tbq_half_job jobs[TBQ_MAX_THREADS];
+    pthread_t workers[TBQ_MAX_THREADS];
+    int started[TBQ_MAX_THREADS] = {0};
+    int64_t step = (out_features + threads - 1) / threads;
+    for (int t = 0; t < threads; t++) {
+        int64_t first = t * step, last = first + step < out_features ? first + step : out_features;
+        jobs[t] = (tbq_half_job){x, tokens, in_features, out_features, first, last, weight, bfloat, bias, out, 0};
+    }
+    /* Threads 1.. run beside the calling thread, which takes the first rows itself. */
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&workers[t], NULL, half_linear_rows, &jobs[t]) == 0;
+    half_linear_rows(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(workers[t], NULL);
+        else
+            half_linear_rows(&jobs[t]);
+        status |= jobs[t].status;
+    }
+    return status;
+}
