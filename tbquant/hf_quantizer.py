@@ -10,7 +10,8 @@ follows the lifecycle of transformers' in-tree quantizers:
    quantized layers are never allocated. Then check the checkpoint's tensor names, shapes and
    dtypes against them, so a corrupt export fails before any tensor is read;
 3. transformers loads the tensors into the packed modules;
-4. `_process_model_after_weight_loading`: move the codes to the in-memory layout.
+4. `_process_model_after_weight_loading`: move the codes to the in-memory layout, and keep large
+   16-bit full-precision weights (embeddings, head) in their stored dtype (`tbquant.nn.half`).
 
 Load guard: without tbquant, transformers only warns about an unknown `quant_method` and would
 build a full-precision model with randomly initialised quantized layers. The export's
@@ -22,7 +23,9 @@ imported, step 1 sets `transformers_weights` to the real file name.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -35,11 +38,15 @@ from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
 from tbquant.nn.convert import build_packed_skeleton
 from tbquant.nn.embedding import PackedEmbedding
+from tbquant.nn.half import HALF_DTYPES, eligible_weights, keep_stored_dtype
 from tbquant.nn.linear import PackedLinear
 from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.serialization import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
+
+# Dtypes that transformers loads without conversion (as views of the file) into a float32 model.
+_STORED_DTYPES = (torch.uint8, torch.int32, torch.bool, torch.float16, torch.bfloat16)
 
 
 class TbquantConfig(QuantizationConfigMixin):
@@ -78,7 +85,8 @@ class TbquantHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         # The student computed in float32 with full-precision tensors rounded to fp_dtype; loading
         # in float32 reproduces its outputs. Another dtype can still be requested.
-        return torch.float32 if dtype is None else dtype
+        self.compute_dtype = torch.float32 if dtype is None else dtype
+        return self.compute_dtype
 
     def update_attn_implementation(self, config):
         # This is the only hook that receives the config before transformers resolves the weights
@@ -109,20 +117,38 @@ class TbquantHfQuantizer(HfQuantizer):
         }
         _keep_shared_buffers(model, getattr(self.quantization_config, "tied", {}), parameters)
         if checkpoint_files:
-            check_checkpoint(model, checkpoint_files, getattr(self.quantization_config, "tied", {}))
+            headers = check_checkpoint(model, checkpoint_files, getattr(self.quantization_config, "tied", {}))
+            _load_large_weights_in_stored_dtype(model, headers, getattr(self, "compute_dtype", torch.float32))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.prepare_for_inference()
-            if isinstance(module, (PackedLinear, PackedEmbedding, ActivationQuantizer)):
-                # Tensors loaded in their stored dtype (scales, learned activation scales, flags)
-                # are views of the memory-mapped file, which stays mapped while any of them lives.
-                # NOTE: SmolLM2's export file was still mapped after this, so another reference
-                # to it remains; it costs up to the file size in resident memory.
-                for name, tensor in list(module._buffers.items()) + list(module._parameters.items()):
-                    if tensor is not None and tensor.device.type == "cpu":
-                        tensor.data = tensor.data.clone()
+        kept = keep_stored_dtype(model, getattr(self, "compute_dtype", torch.float32))
+        # Tensors loaded in their stored dtype (packed codes, scales, kept 16-bit weights) are views
+        # of the memory-mapped file, which stays mapped, with every page read so far resident,
+        # while any of them lives. Copying them lets the file be unmapped.
+        copies: dict[tuple, torch.Tensor] = {}
+        for module in model.modules():
+            for tensors in (module._buffers, module._parameters):
+                for name, tensor in tensors.items():
+                    if tensor is None or tensor.device.type != "cpu" or tensor.dtype not in _STORED_DTYPES:
+                        continue
+                    # Tensors that share memory (a tied head) share the copy.
+                    key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), isinstance(tensor, torch.nn.Parameter))
+                    if key not in copies:
+                        copy = tensor.detach().clone()
+                        copies[key] = torch.nn.Parameter(copy, requires_grad=False) if key[3] else copy
+                    tensors[name] = copies[key]
+        del copies
+        _release_free_memory()
+        if kept:
+            logger.debug("kept the stored 16-bit weights of %s", ", ".join(kept))
+            # The kept weights are buffers now: later `tie_weights` calls must not tie them again.
+            parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+            model.all_tied_weights_keys = {
+                target: source for target, source in model.all_tied_weights_keys.items() if target in parameters and source in parameters
+            }
         return model
 
     def is_serializable(self) -> bool:
@@ -133,6 +159,20 @@ class TbquantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _release_free_memory() -> None:
+    """Return the heap memory freed while loading to the operating system (glibc's `malloc_trim`).
+
+    Loading frees large temporaries (disk-layout codes, file views) that glibc otherwise keeps for
+    reuse, which would count as resident memory of the model for as long as the process lives.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _keep_shared_buffers(model, tied: dict[str, str], parameters: set[str]) -> None:
@@ -155,8 +195,39 @@ def _keep_shared_buffers(model, tied: dict[str, str], parameters: set[str]) -> N
     model._move_missing_keys_from_meta_to_device = move_missing_keys_except_aliases
 
 
-def check_checkpoint(model: torch.nn.Module, checkpoint_files: list[str], tied: dict[str, str]) -> None:
+def _load_large_weights_in_stored_dtype(model: torch.nn.Module, headers: dict[str, tuple[tuple[int, ...], str]], compute_dtype: torch.dtype) -> None:
+    """Give large 16-bit embedding and linear weights a meta parameter of their stored dtype.
+
+    transformers loads a tensor in its parameter's dtype when that differs from the requested one,
+    so these weights are read without an upcast; `keep_stored_dtype` then computes with them.
+    """
+    if compute_dtype in HALF_DTYPES:
+        return
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}
+    eligible = eligible_weights(model)
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        header = headers.get(f"{name}.weight" if name else "weight")
+        if weight is None or id(weight) not in eligible or header is None or header[1] not in stored:
+            continue
+        if id(weight) not in replaced:
+            replaced[id(weight)] = torch.nn.Parameter(torch.empty_like(weight, dtype=stored[header[1]], device="meta"), requires_grad=False)
+    if not replaced:
+        return
+    # Modules sharing a weight (a tied head) share the replacement.
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and id(weight) in replaced:
+            module._parameters["weight"] = replaced[id(weight)]
+
+
+def check_checkpoint(
+    model: torch.nn.Module, checkpoint_files: list[str], tied: dict[str, str]
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Compare the checkpoint's tensor names, shapes and dtypes with the packed model's.
+
+    Returns the shape and safetensors dtype of every tensor, by name.
 
     Raises:
         ExportError: if a file is unreadable or truncated, a tensor is missing or unexpected, or
@@ -191,6 +262,7 @@ def check_checkpoint(model: torch.nn.Module, checkpoint_files: list[str], tied: 
             )
         if tensor.dtype == torch.uint8 and headers[name][1] != "U8":
             raise ExportError(f"{checkpoint_files[0]} does not match its config (tensor {name} has dtype {headers[name][1]}, expected U8): the export is corrupt")
+    return headers
 
 
 def register() -> None:
