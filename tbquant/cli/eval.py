@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -17,10 +16,11 @@ from tbquant import __version__
 from tbquant.data import Example, read_file
 from tbquant.errors import DataError, TbquantError
 from tbquant.card_facts import public_name
+from tbquant.cli._terminal import make_console
 from tbquant.model_card import update_eval_results, write_atomic
 
 logger = logging.getLogger(__name__)
-console = Console()
+console = make_console()
 
 # Table labels and model-index names of the figures, in display order.
 FIGURE_LABELS = {
@@ -242,7 +242,7 @@ def eval_command(
 
     logger.info("Metrics: %s on %d examples of %s (%s data)", ", ".join(metrics), len(examples), data, kind)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
+    with Progress(*columns, console=make_console(stderr=True)) as progress:
         report = run_evaluation(student, loaded_teacher, examples, metrics, settings, _progress_factory(progress))
     retained = _print_table(report, model, teacher)
 
