@@ -368,6 +368,9 @@ CASES = [
     # eval
     Case("eval-model-missing", ("eval", "{work}/absent", "--data", "{valid}"), ("{work}/absent", "not found")),
     Case("eval-teacher-missing", ("eval", "{export}", "--data", "{valid}", "--teacher", "{work}/absent"), ("{work}/absent", "--teacher")),
+    # The teacher's path is checked before MODEL, whose corrupt weights would fail to load.
+    Case("eval-teacher-checked-first", ("eval", "{work}/tiny-export", "--data", "{valid}", "--teacher", "{work}/absent"), ("--teacher", "{work}/absent", "not found"), prepare=damage_export(flip_last_weight_byte)),
+    Case("eval-teacher-is-file", ("eval", "{export}", "--data", "{valid}", "--teacher", "{work}/notes.txt"), ("--teacher", "notes.txt", "is a file"), files={"notes.txt": "text"}),
     Case("eval-checksum-mismatch", ("eval", "{work}/tiny-export", "--data", "{valid}"), ("{work}/tiny-export/model.safetensors", "SHA-256"), prepare=damage_export(flip_last_weight_byte)),
     Case("eval-file-missing", ("eval", "{export}", "--data", "{work}/absent.jsonl"), ("absent.jsonl", "not found", "--data")),
     Case("eval-without-data", ("eval", "{export}"), ("--data",)),

@@ -53,6 +53,11 @@ def _read_examples(path: Path, option: str) -> list[Example]:
     return read_file(path)
 
 
+def _teacher_error(error: TbquantError) -> TbquantError:
+    """Return `error` with the --teacher option named, so that it is not taken for MODEL's."""
+    return type(error)(f"--teacher: {error}")
+
+
 def _split_few_shot(examples: list[Example], count: int, data: Path, few_shot_data: Path | None) -> tuple[list[Example], list[Example]]:
     """Return the few-shot examples and the examples of `data` left to evaluate."""
     if count == 0:
@@ -173,7 +178,7 @@ def eval_command(
 ) -> None:
     """Measure a model on task data (perplexity, ROUGE, BLEU, chrF, agreement), side by side with its teacher."""
     from tbquant.cli.main import _setup_logging
-    from tbquant.metrics import METRICS, EvalSettings, choose_metrics, data_kind, load_for_eval, run_evaluation
+    from tbquant.metrics import METRICS, EvalSettings, check_source, choose_metrics, data_kind, load_for_eval, run_evaluation
     from tbquant.metrics.generation import DEFAULT_TEMPLATES, PromptSettings, default_generation
     from tbquant.pipeline.settings import Task
 
@@ -199,6 +204,14 @@ def eval_command(
     except ValueError as error:
         raise TbquantError(str(error)) from None
 
+    # Both paths are checked before either model loads, so that a bad --teacher fails at once.
+    check_source(model)
+    if teacher is not None:
+        try:
+            check_source(teacher)
+        except TbquantError as error:
+            raise _teacher_error(error) from None
+
     logger.info("Loading %s", model)
     student = load_for_eval(model, trust_remote_code, revision)
     loaded_teacher = None
@@ -207,8 +220,7 @@ def eval_command(
         try:
             loaded_teacher = load_for_eval(teacher, trust_remote_code, revision)
         except TbquantError as error:
-            # The student loaded, so name the option whose model failed.
-            raise type(error)(f"--teacher: {error}") from None
+            raise _teacher_error(error) from None
     metrics = choose_metrics(metric, student, loaded_teacher, kind)
 
     generates = any(name in ("rouge", "bleu", "chrf") for name in metrics)
