@@ -6,6 +6,7 @@ import logging
 import sys
 
 import typer
+
 from tbquant.cli._compat import exceptions
 from tbquant.cli._terminal import make_console
 from tbquant.errors import TbquantError
