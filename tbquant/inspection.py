@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import struct
 from pathlib import Path
@@ -28,11 +29,14 @@ from torch import nn
 from transformers import AutoConfig
 
 from tbquant.errors import ExportError
+from tbquant.integrity import CHECKSUMS_NAME, verify_export
 from tbquant.loading import read_quantization_config
 from tbquant.nn.attention import is_attention_module
 from tbquant.nn.linear import is_linear
 from tbquant.pipeline.settings import Task
 from tbquant.serialization import WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
 
 GROUPS = ("attention", "feed-forward", "embeddings", "head", "norms", "other")
 
@@ -161,19 +165,42 @@ def _in_features(module: nn.Module) -> int:
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
-def inspect_export(path: str | Path) -> dict[str, Any]:
+def check_checksums(path: Path, verify: bool = True) -> str:
+    """Check the weight files of the export at `path` against its `checksums.sha256`.
+
+    Returns "verified", "skipped" (`verify` is False) or "missing". An export written before
+    tbquant listed checksums has no `checksums.sha256`, so it is reported as "missing" with a
+    warning instead of being rejected, unlike `tbquant.load_quantized`.
+
+    Raises:
+        ExportError: naming the first weight file that is missing, unlisted or corrupt.
+    """
+    if not verify:
+        return "skipped"
+    if not (path / CHECKSUMS_NAME).is_file():
+        logger.warning("%s has no %s (an export made before tbquant wrote checksums): its weights were not verified", path, CHECKSUMS_NAME)
+        return "missing"
+    verify_export(path)
+    return "verified"
+
+
+def inspect_export(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Return the size figures and settings of the export at `path`, ready for JSON.
+
+    With `verify` (the default), the weight files are first checked against the export's
+    `checksums.sha256` (see `check_checksums`).
 
     Keys: `path`, `base_model`, `architecture`, `task`, `weights`, `activations`, `fp_dtype`,
     `groups` (figures per group), `total` (figures of the whole weights file), `quantized`
-    (figures of the packed modules alone), `full_precision_modules`, `tied`, `header_bytes`
-    and `files` (bytes of every file in the export).
+    (figures of the packed modules alone), `full_precision_modules`, `tied`, `header_bytes`,
+    `files` (bytes of every file in the export) and `checksums` (the result of `check_checksums`).
 
     Raises:
-        ExportError: if `path` is not a readable tbquant export.
+        ExportError: if `path` is not a readable tbquant export, or a weight file is corrupt.
     """
     path = Path(path).expanduser()
     quantization = read_quantization_config(path)
+    checksums = check_checksums(path, verify)
     task = Task(quantization["task"])
     weights_path = path / WEIGHTS_NAME
     entries, header_bytes = read_header(weights_path)
@@ -236,6 +263,7 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
         "tied": quantization.get("tied", {}),
         "header_bytes": header_bytes,
         "files": {item.name: item.stat().st_size for item in sorted(path.iterdir()) if item.is_file()},
+        "checksums": checksums,
     }
 
 

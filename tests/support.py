@@ -319,13 +319,17 @@ def mean_loss(history: list[dict], first: bool, count: int = 3) -> float:
     return sum(chosen) / len(chosen)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m tbquant ARGS` in a subprocess, offline, with `stdin` as its standard input,
-    and capture its output."""
+    and capture its output. A variable set to None in `env` is removed from the environment."""
     environment = dict(os.environ)
     # One intra-op thread, as in the test process (see conftest.py).
     environment.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
-    environment.update(env or {})
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     return subprocess.run(
         [sys.executable, "-m", "tbquant", *args],
         input=stdin,

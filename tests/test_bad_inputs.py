@@ -192,6 +192,11 @@ def drop_norm_tensor(folder: Path) -> None:
     write_checksums(folder)
 
 
+def add_unlisted_weights(folder: Path) -> None:
+    """Add a second weight file that checksums.sha256 does not list."""
+    shutil.copyfile(folder / "model.safetensors", folder / "model-extra.safetensors")
+
+
 def write_export_config(config: str) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
         (folder / "config.json").write_text(config, encoding="utf-8")
@@ -341,7 +346,10 @@ CASES = [
     Case("inspect-config-not-object", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export", "not a tbquant export"), prepare=damage_export(write_export_config("[]"))),
     Case("inspect-newer-format", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export", "format 99", "upgrade tbquant"), prepare=damage_export(newer_format_version)),
     Case("inspect-weights-missing", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export/model.safetensors", "not found"), prepare=damage_export(remove_files("model.safetensors"))),
-    Case("inspect-weights-truncated", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export/model.safetensors", "corrupt"), prepare=damage_export(truncate_export_weights)),
+    # --no-verify skips the checksums, so the safetensors header is what fails.
+    Case("inspect-weights-truncated", ("inspect", "{work}/tiny-export", "--no-verify"), ("{work}/tiny-export/model.safetensors", "corrupt"), prepare=damage_export(truncate_export_weights)),
+    Case("inspect-checksum-mismatch", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export/model.safetensors", "SHA-256"), prepare=damage_export(flip_last_weight_byte)),
+    Case("inspect-weights-unlisted", ("inspect", "{work}/tiny-export"), ("{work}/tiny-export/model-extra.safetensors", "not listed"), prepare=damage_export(add_unlisted_weights)),
     Case("inspect-unknown-option", ("inspect", "{export}", "--csv"), ("--csv",)),
     # generate
     Case("generate-empty-prompt", ("generate", "{export}", ""), ("empty prompt", "PROMPT")),
@@ -360,6 +368,9 @@ CASES = [
     # eval
     Case("eval-model-missing", ("eval", "{work}/absent", "--data", "{valid}"), ("{work}/absent", "not found")),
     Case("eval-teacher-missing", ("eval", "{export}", "--data", "{valid}", "--teacher", "{work}/absent"), ("{work}/absent", "--teacher")),
+    # The teacher's path is checked before MODEL, whose corrupt weights would fail to load.
+    Case("eval-teacher-checked-first", ("eval", "{work}/tiny-export", "--data", "{valid}", "--teacher", "{work}/absent"), ("--teacher", "{work}/absent", "not found"), prepare=damage_export(flip_last_weight_byte)),
+    Case("eval-teacher-is-file", ("eval", "{export}", "--data", "{valid}", "--teacher", "{work}/notes.txt"), ("--teacher", "notes.txt", "is a file"), files={"notes.txt": "text"}),
     Case("eval-checksum-mismatch", ("eval", "{work}/tiny-export", "--data", "{valid}"), ("{work}/tiny-export/model.safetensors", "SHA-256"), prepare=damage_export(flip_last_weight_byte)),
     Case("eval-file-missing", ("eval", "{export}", "--data", "{work}/absent.jsonl"), ("absent.jsonl", "not found", "--data")),
     Case("eval-without-data", ("eval", "{export}"), ("--data",)),

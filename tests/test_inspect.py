@@ -207,6 +207,84 @@ def test_cli_table_shows_groups(exports):
     assert "8-bit, dynamic per token scales" in result.stdout
 
 
+def copy_export(export_dir: Path, target: Path, *, without: str | None = None) -> Path:
+    """Copy an export's files into `target`, leaving out the file named `without`."""
+    target.mkdir()
+    for item in export_dir.iterdir():
+        if item.name != without:
+            (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+def flip_last_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[-1] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def test_checksums_verified(exports):
+    _, _, export_dir = exports("llama-ternary-a8")
+
+    result = run_cli("inspect", str(export_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert inspect_export(export_dir)["checksums"] == "verified"
+    assert "weights match checksums.sha256" in result.stdout
+    assert "WARNING" not in result.stderr
+
+
+def test_no_verify_inspects_corrupt_copy(exports, tmp_path):
+    _, _, export_dir = exports("llama-ternary-a8")
+    corrupt = copy_export(export_dir, tmp_path / "corrupt")
+    flip_last_byte(corrupt / "model.safetensors")
+
+    result = run_cli("inspect", str(corrupt), "--no-verify")
+
+    assert result.returncode == 0, result.stderr
+    assert "not checked (--no-verify)" in result.stdout
+    assert inspect_export(corrupt, verify=False)["checksums"] == "skipped"
+    with pytest.raises(tbquant.errors.ExportError, match="SHA-256"):
+        inspect_export(corrupt)
+
+
+def test_export_without_checksums_warns(exports, tmp_path):
+    _, _, export_dir = exports("llama-ternary-a8")
+    # Exports written before tbquant listed checksums have no checksums.sha256.
+    older = copy_export(export_dir, tmp_path / "older", without="checksums.sha256")
+
+    result = run_cli("inspect", str(older))
+
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 0, result.stderr
+    assert len(warnings) == 1, result.stderr
+    assert "WARNING" in warnings[0]
+    assert "checksums.sha256" in warnings[0]
+    assert "none: the export has no checksums.sha256" in result.stdout
+    assert inspect_export(older)["checksums"] == "missing"
+
+
+def test_table_not_cut_when_piped(exports):
+    _, _, export_dir = exports("llama-ternary-a8")
+
+    # stdout is a pipe and COLUMNS is unset, as in `tbquant inspect DIR > out.txt` from a script.
+    result = run_cli("inspect", str(export_dir), env={"COLUMNS": None})
+
+    assert result.returncode == 0, result.stderr
+    total_rows = [line for line in result.stdout.splitlines() if "total (model.safetensors)" in line]
+    assert len(total_rows) == 1, result.stdout
+    assert "…" not in result.stdout
+    assert "also q, k, v and attention probabilities" in result.stdout
+
+
+def test_table_follows_columns(exports):
+    _, _, export_dir = exports("llama-ternary-a8")
+
+    result = run_cli("inspect", str(export_dir), env={"COLUMNS": "60"})
+
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60
+
+
 # Errors
 
 

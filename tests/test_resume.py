@@ -120,6 +120,35 @@ def test_resume_rejects_other_settings(setup, finished, steps, extra, names):
     assert sorted(path.name for path in finished.iterdir()) == before
 
 
+def test_resume_settings_checked_before_loading(setup, finished, tmp_path):
+    arguments = options(setup, finished, 2, "--resume", "--weights", "binary")
+    # A model path that does not exist fails only when the load stage runs.
+    arguments[1] = str(tmp_path / "absent-model")
+
+    result = run_cli(*arguments)
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert "comes from a different run" in errors[0]
+    assert "quantization.weights.scheme" in errors[0]
+    assert "Stage load" not in result.stderr
+
+
+def test_resume_invalid_trainer_state(setup, tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{", encoding="utf-8")
+
+    result = run_cli(*options(setup, checkpoint.parent, 2, "--resume"))
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert f"cannot read checkpoint {checkpoint}" in errors[0]
+    assert "trainer_state.json" in errors[0]
+
+
 def test_existing_checkpoints_need_resume(setup, finished):
     result = run_cli(*options(setup, finished, 2))
 

@@ -6,15 +6,15 @@ import logging
 import sys
 
 import typer
-from rich.console import Console
 
 from tbquant.cli._compat import exceptions
+from tbquant.cli._terminal import make_console
 from tbquant.errors import TbquantError
 
 # Raised after the help text when a command runs without arguments (click 8.2 and later).
 _NO_ARGS_IS_HELP = getattr(exceptions, "NoArgsIsHelpError", ())
 
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+error_console = make_console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def report(message: str) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -17,10 +16,11 @@ from tbquant import __version__
 from tbquant.data import Example, read_file
 from tbquant.errors import DataError, TbquantError
 from tbquant.card_facts import public_name
+from tbquant.cli._terminal import make_console
 from tbquant.model_card import update_eval_results, write_atomic
 
 logger = logging.getLogger(__name__)
-console = Console()
+console = make_console()
 
 # Table labels and model-index names of the figures, in display order.
 FIGURE_LABELS = {
@@ -51,6 +51,11 @@ def _read_examples(path: Path, option: str) -> list[Example]:
     if path.is_dir():
         raise DataError(f"{path} is a directory: pass one .txt, .jsonl or .csv file with {option}")
     return read_file(path)
+
+
+def _teacher_error(error: TbquantError) -> TbquantError:
+    """Return `error` with the --teacher option named, so that it is not taken for MODEL's."""
+    return type(error)(f"--teacher: {error}")
 
 
 def _split_few_shot(examples: list[Example], count: int, data: Path, few_shot_data: Path | None) -> tuple[list[Example], list[Example]]:
@@ -173,7 +178,7 @@ def eval_command(
 ) -> None:
     """Measure a model on task data (perplexity, ROUGE, BLEU, chrF, agreement), side by side with its teacher."""
     from tbquant.cli.main import _setup_logging
-    from tbquant.metrics import METRICS, EvalSettings, choose_metrics, data_kind, load_for_eval, run_evaluation
+    from tbquant.metrics import METRICS, EvalSettings, check_source, choose_metrics, data_kind, load_for_eval, run_evaluation
     from tbquant.metrics.generation import DEFAULT_TEMPLATES, PromptSettings, default_generation
     from tbquant.pipeline.settings import Task
 
@@ -199,6 +204,14 @@ def eval_command(
     except ValueError as error:
         raise TbquantError(str(error)) from None
 
+    # Both paths are checked before either model loads, so that a bad --teacher fails at once.
+    check_source(model)
+    if teacher is not None:
+        try:
+            check_source(teacher)
+        except TbquantError as error:
+            raise _teacher_error(error) from None
+
     logger.info("Loading %s", model)
     student = load_for_eval(model, trust_remote_code, revision)
     loaded_teacher = None
@@ -207,8 +220,7 @@ def eval_command(
         try:
             loaded_teacher = load_for_eval(teacher, trust_remote_code, revision)
         except TbquantError as error:
-            # The student loaded, so name the option whose model failed.
-            raise type(error)(f"--teacher: {error}") from None
+            raise _teacher_error(error) from None
     metrics = choose_metrics(metric, student, loaded_teacher, kind)
 
     generates = any(name in ("rouge", "bleu", "chrf") for name in metrics)
@@ -242,7 +254,7 @@ def eval_command(
 
     logger.info("Metrics: %s on %d examples of %s (%s data)", ", ".join(metrics), len(examples), data, kind)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
+    with Progress(*columns, console=make_console(stderr=True)) as progress:
         report = run_evaluation(student, loaded_teacher, examples, metrics, settings, _progress_factory(progress))
     retained = _print_table(report, model, teacher)
 

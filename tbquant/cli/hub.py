@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from tbquant.cli._terminal import make_console
 
 EXAMPLES = (
     "Examples:\n\n"
@@ -16,7 +17,7 @@ EXAMPLES = (
     "  tbquant push-to-hub smollm2-ternary-a8 my-org/SmolLM2-135M-ternary-a8 --create-pr --commit-message 'Retrain with 300 steps'"
 )
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console(highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan) -> None:

@@ -14,8 +14,15 @@ from tbquant.cli.main import VerboseOpt, _setup_logging, app, console
 EXAMPLES = (
     "Examples:\n\n"
     "  tbquant inspect smollm2-ternary-a8\n\n"
-    "  tbquant inspect smollm2-ternary-a8 --json > figures.json"
+    "  tbquant inspect smollm2-ternary-a8 --json > figures.json\n\n"
+    "  tbquant inspect smollm2-ternary-a8 --no-verify   (skip the SHA-256 check of the weights)"
 )
+
+CHECKSUM_TEXT = {
+    "verified": "weights match checksums.sha256",
+    "skipped": "not checked (--no-verify)",
+    "missing": "none: the export has no checksums.sha256",
+}
 
 
 def _size(count: int) -> str:
@@ -75,6 +82,7 @@ def render(report: dict) -> None:
     if report["tied"]:
         summary.add_row("tied", ", ".join(f"{alias} -> {source}" for alias, source in report["tied"].items()))
     summary.add_row("export files", _size(sum(report["files"].values())) + f" in {len(report['files'])} files")
+    summary.add_row("checksums", CHECKSUM_TEXT[report["checksums"]])
     console.print(summary)
 
 
@@ -82,13 +90,17 @@ def render(report: dict) -> None:
 def inspect_command(
     directory: Annotated[Path, typer.Argument(help="Export directory written by tbquant compress.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of tables.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the weight files against the export's checksums.sha256 first.")] = True,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Show parameters, bits per weight, bytes on disk and compression ratios of an export, per module group."""
+    """Show parameters, bits per weight, bytes on disk and compression ratios of an export, per module group.
+
+    The weight files are first checked against the export's checksums.sha256, as loading does.
+    """
     _setup_logging(verbose)
     from tbquant.inspection import inspect_export
 
-    report = inspect_export(directory)
+    report = inspect_export(directory, verify=verify)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

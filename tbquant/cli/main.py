@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
@@ -15,6 +15,7 @@ from tbquant import __version__
 from tbquant.cli import hub
 from tbquant.cli._compat import ParameterSource
 from tbquant.cli._errors import run_cli
+from tbquant.cli._terminal import configure_progress_bars, is_terminal, make_console, set_help_width
 from tbquant.config import ActivationQuantConfig, QuantizationConfig, WeightQuantConfig
 from tbquant.errors import TbquantError
 from tbquant.cli._runtime_options import (
@@ -42,21 +43,22 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-console = Console()
+console = make_console()
+set_help_width()
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs, and tracebacks of failures.")]
 
 
 def _setup_logging(verbose: bool) -> None:
     level = worker_log_level() or (logging.DEBUG if verbose else logging.INFO)
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=True, markup=False)
+    handler = RichHandler(console=make_console(stderr=True), show_path=False, show_time=True, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("tbquant").setLevel(level)
     if not verbose:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+    configure_progress_bars(show=is_terminal(sys.stderr))
 
 
 def _version_callback(value: bool) -> None:

@@ -97,6 +97,23 @@ def is_export(path: Path) -> bool:
     return isinstance(quantization, dict) and quantization.get("quant_method") == "tbquant"
 
 
+def check_source(source: str) -> None:
+    """Check a model argument of `load_for_eval` without loading anything: a tbquant export, or a
+    path that `compress` accepts (an existing `.gguf` file or a directory with `config.json`).
+
+    Hub ids pass unchecked, because looking them up in the cache or on the Hub is part of loading.
+
+    Raises:
+        ModelLoadError: naming the missing path or the unsupported kind of file.
+    """
+    from tbquant.stages.load import resolve_source
+
+    path = Path(source).expanduser()
+    if path.is_dir() and is_export(path):
+        return
+    resolve_source(source)
+
+
 def load_for_eval(source: str, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a tbquant export with `tbquant.load_quantized`, or anything `compress` loads."""
     from tbquant import load_quantized

@@ -81,10 +81,16 @@ def run_pipeline(settings: CompressSettings, stages: list[str] | tuple[str, ...]
         from tbquant.stages.export import check_output
 
         check_output(Path(settings.output), settings.overwrite)
-    if "distill" in names and settings.distill.steps > 0:
+    runs_distillation = "distill" in names and settings.distill.steps > 0
+    if runs_distillation:
         check_checkpoint_dir(settings.checkpoint_dir, settings.runtime.resume, settings.overwrite)
 
     process = init_process_state(settings.runtime)
+    if runs_distillation and settings.runtime.resume:
+        # After init_process_state, which sets up the process group whose size the checkpoint records.
+        from tbquant.stages.distill import check_resume_settings
+
+        check_resume_settings(settings)
     state = PipelineState(settings=settings)
     for name, stage_class in zip(names, stage_classes):
         if getattr(stage_class, "main_process_only", False) and not process.is_main_process:

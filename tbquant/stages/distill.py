@@ -41,6 +41,7 @@ from tbquant.errors import TbquantError
 from tbquant.evaluation import evaluate, forward, to_device
 from tbquant.losses import distillation_loss
 from tbquant.pipeline.registry import register_stage
+from tbquant.pipeline.settings import CompressSettings
 from tbquant.pipeline.state import PipelineState
 from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.training import checkpoints
@@ -51,6 +52,37 @@ logger = logging.getLogger(__name__)
 
 # Distillation settings that do not change what the student learns, so a resumed run may change them.
 _RESUMABLE_SETTINGS = ("eval_every", "eval_batches")
+
+
+def settings_fingerprint(settings: CompressSettings) -> dict:
+    """Return the part of a run's checkpoint fingerprint that follows from its settings alone:
+    quantization, distillation settings (except `_RESUMABLE_SETTINGS`) and number of processes.
+
+    `check_resume_settings` compares it with a checkpoint before any model is loaded.
+    """
+    distill = {key: value for key, value in vars(settings.distill).items() if key not in _RESUMABLE_SETTINGS}
+    return {
+        "quantization": settings.quantization.to_dict(),
+        "distill": distill,
+        "processes": int(torch.distributed.get_world_size()) if dist.is_available() and dist.is_initialized() else 1,
+    }
+
+
+def check_resume_settings(settings: CompressSettings) -> None:
+    """Reject a `--resume` whose latest checkpoint was made with other settings, before the model loads.
+
+    Only the settings are compared here. The distill stage compares the whole fingerprint,
+    including the model and the number of training sequences, once they are loaded.
+
+    Raises:
+        TbquantError: as `checkpoints.check_fingerprint`, naming each setting that differs.
+    """
+    path = checkpoints.latest_checkpoint(settings.checkpoint_dir)
+    if path is None:
+        return
+    current = settings_fingerprint(settings)
+    saved = checkpoints.read_trainer_state(path)["fingerprint"]
+    checkpoints.check_fingerprint(path, {key: saved.get(key) for key in current}, current)
 
 
 def check_calibrated(model: torch.nn.Module) -> None:
@@ -160,17 +192,14 @@ class DistillationRun:
         """Return what a checkpoint must share with this run to be resumed by it."""
         state = self.state
         first_weight = next(iter(state.teacher.state_dict().values())).detach().float().cpu().contiguous()
-        distill = {key: value for key, value in vars(self.settings).items() if key not in _RESUMABLE_SETTINGS}
         return {
             "model": {
                 "architecture": state.info.get("architecture"),
                 "parameters": state.info.get("parameters"),
                 "first_tensor_sha256": hashlib.sha256(first_weight.numpy().tobytes()).hexdigest(),
             },
-            "quantization": state.settings.quantization.to_dict(),
-            "distill": distill,
+            **settings_fingerprint(state.settings),
             "train_sequences": len(state.train_data),
-            "processes": int(torch.distributed.get_world_size()) if dist.is_available() and dist.is_initialized() else 1,
         }
 
     def _resume(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

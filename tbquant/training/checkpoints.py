@@ -159,7 +159,18 @@ def save_checkpoint(
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    """Return the trainer state (step, data position, fingerprint) of checkpoint `path`.
+
+    Raises:
+        TbquantError: if its trainer_state.json is missing or not valid JSON.
+    """
+    try:
+        return json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise TbquantError(
+            f"cannot read checkpoint {path}: {TRAINER_STATE_FILE} is missing or invalid ({type(error).__name__}): "
+            "delete the checkpoint to resume from an earlier one, or pass another --checkpoint-dir to start over"
+        ) from None
 
 
 def load_checkpoint(path: Path, student: torch.nn.Module) -> dict[str, Any]:
