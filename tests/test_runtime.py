@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tbquant
 from tbquant.errors import ExportError
 from tbquant.nn import PackedLinear, QuantLinear, kernels
+from tbquant.nn.half import MIN_ELEMENTS, HalfStorageEmbedding, HalfStorageLinear
 from tbquant.nn.linear import OUTPUT_TOLERANCE
 from tbquant.pipeline.registry import get_stage
 from tbquant.stages.pack import round_full_precision
@@ -289,3 +290,33 @@ def test_newer_format_error(llama_export, tmp_path):
 
     with pytest.raises(ValueError, match="upgrade tbquant"):
         transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def mapped_files() -> set[str]:
+    """Return the paths of the files memory-mapped into this process (Linux)."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_weights_file_unmapped_after_load(exported):
+    """Tensors are copied out of the memory-mapped file, so it does not stay resident."""
+    model = load_auto(exported)
+
+    assert str((exported.output / "model.safetensors").resolve()) not in mapped_files()
+    assert model is not None
+
+
+def test_large_16bit_weights_stay_16bit(exported):
+    """Large full-precision embeddings and heads keep their stored float16 and compute in float32."""
+    model = load_auto(exported)
+    kept = [module for module in model.modules() if isinstance(module, (HalfStorageEmbedding, HalfStorageLinear))]
+
+    assert model.dtype == torch.float32
+    for module in kept:
+        assert module.weight.dtype == torch.float16
+        assert module.weight.numel() >= MIN_ELEMENTS
+    if exported.architecture == "llama":
+        # The tiny Llama's tied 49152 x 32 embedding and head stay one float16 tensor.
+        assert isinstance(model.get_input_embeddings(), HalfStorageEmbedding)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
