@@ -7,8 +7,9 @@ follows the lifecycle of transformers' in-tree quantizers:
 1. `update_attn_implementation`: turn the export's load guard off (see below);
 2. `_process_model_before_weight_loading`: on the meta-device model, replace the quantized
    modules with empty packed ones (`build_packed_skeleton`), so the full-precision weights of
-   quantized layers are never allocated. Then check the checkpoint's tensor names, shapes and
-   dtypes against them, so a corrupt export fails before any tensor is read;
+   quantized layers are never allocated. Then check the weight files against the export's
+   `checksums.sha256` (where it has one) and the checkpoint's tensor names, shapes and dtypes
+   against the packed modules, so a corrupt export fails before any tensor is read;
 3. transformers loads the tensors into the packed modules;
 4. `_process_model_after_weight_loading`: move the codes to the in-memory layout, and keep large
    16-bit full-precision weights (embeddings, head) in their stored dtype (`tbquant.nn.half`).
@@ -23,9 +24,12 @@ imported, step 1 sets `transformers_weights` to the real file name.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
+from tbquant.integrity import CHECKSUMS_NAME, verify_export
 from tbquant.nn.convert import build_packed_skeleton
 from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.half import HALF_DTYPES, eligible_weights, keep_stored_dtype
@@ -44,6 +49,21 @@ from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.serialization import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
+
+# Whether loading checks the weights against the export's checksums.sha256 (load_quantized does it
+# itself, or skips it on request, and turns this off around its from_pretrained call).
+_VERIFY_CHECKSUMS = contextvars.ContextVar("tbquant_verify_checksums", default=True)
+
+
+@contextlib.contextmanager
+def checksums_checked_by_caller():
+    """Skip the checksum verification of `from_pretrained` inside this context."""
+    token = _VERIFY_CHECKSUMS.set(False)
+    try:
+        yield
+    finally:
+        _VERIFY_CHECKSUMS.reset(token)
+
 
 # Dtypes that transformers loads without conversion (as views of the file) into a float32 model.
 _STORED_DTYPES = (torch.uint8, torch.int32, torch.bool, torch.float16, torch.bfloat16)
@@ -117,6 +137,9 @@ class TbquantHfQuantizer(HfQuantizer):
         }
         _keep_shared_buffers(model, getattr(self.quantization_config, "tied", {}), parameters)
         if checkpoint_files:
+            directory = Path(checkpoint_files[0]).parent
+            if _VERIFY_CHECKSUMS.get() and (directory / CHECKSUMS_NAME).is_file():
+                verify_export(directory)
             headers = check_checkpoint(model, checkpoint_files, getattr(self.quantization_config, "tied", {}))
             _load_large_weights_in_stored_dtype(model, headers, getattr(self, "compute_dtype", torch.float32))
 

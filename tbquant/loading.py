@@ -54,6 +54,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_to
     Raises:
         ExportError: if the export is missing, incomplete or corrupt, naming the corrupt file.
     """
+    from tbquant.hf_quantizer import checksums_checked_by_caller
     from tbquant.stages.load import auto_class
 
     path = Path(path).expanduser()
@@ -66,7 +67,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", load_to
         verify_export(path)
     config = AutoConfig.from_pretrained(path)
     cls = auto_class(Task(quantization["task"]), config)
-    model = cls.from_pretrained(path, dtype=torch.float32)
+    with checksums_checked_by_caller():
+        model = cls.from_pretrained(path, dtype=torch.float32)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
     return model, tokenizer

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import transformers
 from support import packed_state, write_training_data
 
 import tbquant
@@ -64,6 +65,17 @@ def test_load_rejects_flipped_byte(export_copy):
         tbquant.load_quantized(export_copy)
 
     assert str(raised.value) == f"{weights} is corrupt (its SHA-256 checksum does not match {export_copy / CHECKSUMS_NAME}): export it again"
+
+
+def test_auto_class_rejects_flipped_byte(export_copy):
+    """transformers' own loading path checks the checksums too, where the export has them."""
+    weights = export_copy / "model.safetensors"
+    flip_byte(weights, weights.stat().st_size - 10)
+
+    with pytest.raises(ExportError) as raised:
+        transformers.AutoModelForCausalLM.from_pretrained(export_copy)
+
+    assert str(raised.value).startswith(f"{weights} is corrupt")
 
 
 def test_load_without_verify_skips_check(export_copy):

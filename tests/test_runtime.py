@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tbquant
 from tbquant.errors import ExportError
+from tbquant.integrity import CHECKSUMS_NAME
 from tbquant.nn import PackedLinear, QuantLinear, kernels
 from tbquant.nn.half import MIN_ELEMENTS, HalfStorageEmbedding, HalfStorageLinear
 from tbquant.nn.linear import OUTPUT_TOLERANCE
@@ -245,12 +246,13 @@ def corrupt_copy(exported: Exported, folder: Path, change) -> Path:
     tensors = load_file(str(target / "model.safetensors"))
     change(tensors)
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    # Without checksums, both loading paths skip the checksum check that would name the changed
+    # file first. These tests cover the structural checks.
+    (target / CHECKSUMS_NAME).unlink()
     return target
 
 
 def assert_one_line_export_error(path: Path, expected: str) -> None:
-    # verify=False: the checksum check would name the changed file first; these tests cover the
-    # structural checks that also guard transformers' own loading path.
     for load in (lambda: tbquant.load_quantized(path, verify=False), lambda: transformers.AutoModelForCausalLM.from_pretrained(path)):
         with pytest.raises(ExportError) as error:
             load()
