@@ -7,6 +7,10 @@ quantizes the activations, multiplies, and applies the scales, offsets and bias 
 serves up to `MAX_TOKENS` tokens at a time. Prefill stays on the torch path, whose matrix
 product uses every core.
 
+NOTE: the kernels run on the calling thread. Splitting a layer's rows over POSIX threads gave no
+speed-up on the 2-core machine where they were measured (torch's OpenMP threads, which keep
+spinning between operations, are a suspect), so decoding uses one core for the packed layers.
+
 The kernel is plain C built by the system C compiler (`CC`, else `cc`, `gcc` or `clang`) with
 `-O3 -march=native`, the way PyTorch builds its JIT extensions, and cached under
 `$TBQUANT_CACHE_DIR` (default `~/.cache/tbquant/kernels`), keyed by the source, the compiler
@@ -32,7 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Largest number of tokens (rows of the input) that packed layers compute with the fused kernel.
 # Beyond it the torch path's multi-threaded matrix product is faster. Measured on SmolLM2's
@@ -47,7 +51,7 @@ MAX_HALF_TOKENS = 4
 # Activation quantization modes of `tbq_linear_int`.
 DYNAMIC, LEARNED_ROUND, LEARNED_SIGN = 0, 1, 2
 
-_FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+_FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
 _SOURCE = "packed_cpu.c"
 
 
@@ -79,7 +83,7 @@ _SIGNATURES = {
     "tbq_linear_int": ([_layer, _pointer, ctypes.c_int64, ctypes.c_float, _pointer], ctypes.c_int),
     "tbq_linear_float": ([_layer, _pointer, ctypes.c_int64, _pointer], ctypes.c_int),
     "tbq_half_linear": (
-        [_pointer, ctypes.c_int64, ctypes.c_int64, _pointer, ctypes.c_int, ctypes.c_int64, _pointer, _pointer, ctypes.c_int],
+        [_pointer, ctypes.c_int64, ctypes.c_int64, _pointer, ctypes.c_int, ctypes.c_int64, _pointer, _pointer],
         ctypes.c_int,
     ),
 }
@@ -227,7 +231,7 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     status = library().tbq_half_linear(
         x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), int(weight.dtype == torch.bfloat16),
-        weight.shape[0], _address(bias), out.data_ptr(), torch.get_num_threads(),
+        weight.shape[0], _address(bias), out.data_ptr(),
     )  # fmt: skip
     _check(status)
     return out

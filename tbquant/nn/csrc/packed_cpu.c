@@ -2,22 +2,21 @@
  * Fused CPU kernels for packed ternary and binary layers (tbquant.nn.native loads them).
  *
  * The codes are in the planar layout of tbquant/nn/kernels.py: with P = 8 / bits planes, byte
- * (r, j) of a [height, columns] uint8 matrix holds the unsigned codes u of rows r, r + height,
+ * (r, j) of a [height, columns] uint8 matrix contains the unsigned codes u of rows r, r + height,
  * ..., r + (P - 1) * height in column j, plane i in bits bits * i to bits * i + bits - 1.
  * Ternary weights are w = u - 1 (2 bits), binary weights w = 2u - 1 (1 bit).
  *
- * Each call reads every byte of the codes once per token and produces P output rows from it,
- * so a layer costs one pass over its 2-bit (or 1-bit) codes instead of unpacking them to a
- * full matrix first. The formulas are those of tbquant/nn/kernels.py and tbquant/nn/linear.py,
+ * Each call runs on the calling thread. It reads every byte of the codes once per token and
+ * produces P output rows from it, so a layer costs one pass over its 2-bit (or 1-bit) codes
+ * instead of unpacking them to a full matrix first. The formulas are those of tbquant/nn/kernels.py and tbquant/nn/linear.py,
  * in the same order of float operations, so the outputs equal the torch path's.
  *
- * Built by tbquant/nn/native.py with the system C compiler (-O3 -march=native); the loops are
- * written for the compiler's auto-vectorizer, with no intrinsics, so the same source builds on
- * x86-64 and ARM.
+ * Built by tbquant/nn/native.py with the system C compiler (-O3 -march=native). The inner
+ * products use AVX-512 VNNI, AVX2 and F16C intrinsics where the compiler targets them, and plain
+ * loops (vectorized by the compiler) elsewhere, so the same source builds on x86-64 and ARM.
  */
 
 #include <math.h>
-#include <pthread.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -25,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TBQ_ABI_VERSION 2
+#define TBQ_ABI_VERSION 3
 
 /* Activation quantization modes, matching tbquant.quantizers.activation.ActivationQuantizer. */
 #define TBQ_DYNAMIC 0 /* per-token absmax: s = max(amax, 1e-8) / levels, c = clamp(round(x / s)) */
@@ -185,14 +184,48 @@ static inline void dot_planes(const int8_t *codes, const uint8_t *row, int64_t c
  * x: [tokens, in_features] float32; alpha: the learned scale (ignored by TBQ_DYNAMIC);
  * out: [tokens, out_features] float32. Returns 0, or -1 if the workspace cannot be allocated.
  */
-int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, float *out) {
-    const uint8_t *planes = layer->planes;
-    int64_t height = layer->height, columns = layer->columns, in_features = layer->in_features;
-    int64_t out_features = layer->out_features;
-    const int32_t *weight_sums = layer->weight_sums;
-    const float *row_scale = layer->row_scale, *row_offset = layer->row_offset, *bias = layer->bias;
-    int bits = layer->bits, shift = layer->shift;
+typedef struct {
+    const tbq_layer *layer;
+    const int8_t *codes;
+    const float *code_sums, *scales;
+    int64_t tokens;
+    float *out;
+} tbq_int_call;
 
+static void int_rows(void *context, int64_t first, int64_t last) {
+    const tbq_int_call *call = context;
+    const tbq_layer *layer = call->layer;
+    int64_t height = layer->height, columns = layer->columns, out_features = layer->out_features;
+    int bits = layer->bits, shift = layer->shift, binary = bits == 1, planes_per_byte = 8 / bits;
+
+    for (int64_t r = first; r < last; r++) {
+        const uint8_t *row = layer->planes + r * columns;
+        for (int64_t m = 0; m < call->tokens; m++) {
+            int32_t dots[8];
+            dot_planes(call->codes + m * columns, row, columns, bits, dots);
+            float s = call->scales[m];
+            float code_sum = call->code_sums[m];
+            for (int i = 0; i < planes_per_byte; i++) {
+                int64_t n = i * height + r;
+                if (n >= out_features)
+                    break;
+                /* sum c w = D + z U - S (ternary) or 2 (D + z U) - S (binary), exact in int32. */
+                int32_t d = dots[i] + shift * layer->weight_sums[n];
+                int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
+                float y = (float)dot * s;
+                y *= layer->row_scale[n];
+                if (layer->row_offset)
+                    y += (s * code_sum) * layer->row_offset[n];
+                if (layer->bias)
+                    y += layer->bias[n];
+                call->out[m * out_features + n] = y;
+            }
+        }
+    }
+}
+
+int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, float *out) {
+    int64_t columns = layer->columns;
     int8_t *codes = malloc((size_t)(tokens * columns));
     float *code_sums = malloc((size_t)tokens * sizeof(float));
     float *scales = malloc((size_t)tokens * sizeof(float));
@@ -201,35 +234,11 @@ int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float
         return -1;
     }
     for (int64_t m = 0; m < tokens; m++)
-        quantize_token(x + m * in_features, in_features, columns, layer->mode, layer->levels, layer->is_signed, alpha, shift,
-                       codes + m * columns, code_sums + m, scales + m);
+        quantize_token(x + m * layer->in_features, layer->in_features, columns, layer->mode, layer->levels, layer->is_signed,
+                       alpha, layer->shift, codes + m * columns, code_sums + m, scales + m);
 
-    int planes_per_byte = 8 / bits;
-    int binary = bits == 1;
-    for (int64_t r = 0; r < height; r++) {
-        const uint8_t *row = planes + r * columns;
-        for (int64_t m = 0; m < tokens; m++) {
-            int32_t dots[8];
-            dot_planes(codes + m * columns, row, columns, bits, dots);
-            float s = scales[m];
-            float code_sum = code_sums[m];
-            for (int i = 0; i < planes_per_byte; i++) {
-                int64_t n = i * height + r;
-                if (n >= out_features)
-                    break;
-                /* sum c w = D + z U - S (ternary) or 2 (D + z U) - S (binary), exact in int32. */
-                int32_t d = dots[i] + shift * weight_sums[n];
-                int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
-                float y = (float)dot * s;
-                y *= row_scale[n];
-                if (row_offset)
-                    y += (s * code_sum) * row_offset[n];
-                if (bias)
-                    y += bias[n];
-                out[m * out_features + n] = y;
-            }
-        }
-    }
+    tbq_int_call call = {layer, codes, code_sums, scales, tokens, out};
+    int_rows(&call, 0, layer->height);
     free(codes), free(code_sums), free(scales);
     return 0;
 }
@@ -305,8 +314,7 @@ int tbq_linear_float(const tbq_layer *layer, const float *x, int64_t tokens, flo
 /*
  * y[m, n] = sum_k x[m, k] W[n, k] + bias[n] with a 16-bit weight (float16 or bfloat16) and
  * float32 inputs and outputs, for full-precision tensors kept in their stored 16-bit dtype (an
- * output head). Rows are split over `threads` POSIX threads: a head is large enough (tens of MB)
- * that starting threads costs little.
+ * output head).
  */
 static inline float half_to_float(uint16_t bits) {
     uint32_t sign = (uint32_t)(bits & 0x8000u) << 16;
@@ -343,63 +351,22 @@ static void bfloat_row_to_float(const uint16_t *source, float *row, int64_t leng
         words[k] = (uint32_t)source[k] << 16;
 }
 
-typedef struct {
-    const float *x;
-    int64_t tokens, in_features, out_features, first, last;
-    const uint16_t *weight;
-    int bfloat;
-    const float *bias;
-    float *out;
-    int status;
-} tbq_half_job;
-
-static void *half_linear_rows(void *argument) {
-    tbq_half_job *job = argument;
-    float *row = malloc((size_t)job->in_features * sizeof(float));
-    if (!row) {
-        job->status = -1;
-        return NULL;
-    }
-    for (int64_t n = job->first; n < job->last; n++) {
-        const uint16_t *source = job->weight + n * job->in_features;
-        if (job->bfloat)
-            bfloat_row_to_float(source, row, job->in_features);
+int tbq_half_linear(const float *x, int64_t tokens, int64_t in_features, const uint16_t *weight, int bfloat,
+                    int64_t out_features, const float *bias, float *out) {
+    float *row = malloc((size_t)in_features * sizeof(float));
+    if (!row)
+        return -1;
+    for (int64_t n = 0; n < out_features; n++) {
+        const uint16_t *source = weight + n * in_features;
+        if (bfloat)
+            bfloat_row_to_float(source, row, in_features);
         else
-            half_row_to_float(source, row, job->in_features);
-        for (int64_t m = 0; m < job->tokens; m++) {
-            float acc = dot_lanes(job->x + m * job->in_features, row, job->in_features);
-            job->out[m * job->out_features + n] = job->bias ? acc + job->bias[n] : acc;
+            half_row_to_float(source, row, in_features);
+        for (int64_t m = 0; m < tokens; m++) {
+            float acc = dot_lanes(x + m * in_features, row, in_features);
+            out[m * out_features + n] = bias ? acc + bias[n] : acc;
         }
     }
     free(row);
-    job->status = 0;
-    return NULL;
-}
-
-#define TBQ_MAX_THREADS 64
-
-int tbq_half_linear(const float *x, int64_t tokens, int64_t in_features, const uint16_t *weight, int bfloat,
-                    int64_t out_features, const float *bias, float *out, int threads) {
-    threads = threads < 1 ? 1 : (threads > TBQ_MAX_THREADS ? TBQ_MAX_THREADS : threads);
-    tbq_half_job jobs[TBQ_MAX_THREADS];
-    pthread_t workers[TBQ_MAX_THREADS];
-    int started[TBQ_MAX_THREADS] = {0};
-    int64_t step = (out_features + threads - 1) / threads;
-    for (int t = 0; t < threads; t++) {
-        int64_t first = t * step, last = first + step < out_features ? first + step : out_features;
-        jobs[t] = (tbq_half_job){x, tokens, in_features, out_features, first, last, weight, bfloat, bias, out, 0};
-    }
-    /* Threads 1.. run beside the calling thread, which takes the first rows itself. */
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&workers[t], NULL, half_linear_rows, &jobs[t]) == 0;
-    half_linear_rows(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(workers[t], NULL);
-        else
-            half_linear_rows(&jobs[t]);
-        status |= jobs[t].status;
-    }
-    return status;
+    return 0;
 }
