@@ -346,13 +346,48 @@ static void half_row_to_float(const uint16_t *source, float *row, int64_t length
 }
 
 static void bfloat_row_to_float(const uint16_t *source, float *row, int64_t length) {
-    uint32_t *words = (uint32_t *)row;
-    for (int64_t k = 0; k < length; k++)
-        words[k] = (uint32_t)source[k] << 16;
+    for (int64_t k = 0; k < length; k++) {
+        uint32_t word = (uint32_t)source[k] << 16;
+        memcpy(row + k, &word, sizeof(word)); /* not a uint32_t store, which would break strict aliasing */
+    }
 }
+
+/* Dot product of float32 x with a float16 row, converting eight values at a time (F16C). */
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#define TBQ_HALF_VECTOR 1
+static inline float dot_half(const float *x, const uint16_t *row, int64_t length) {
+    __m256 sums[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 32 <= length; k += 32)
+        for (int part = 0; part < 4; part++) {
+            __m256 weights = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k + 8 * part)));
+            sums[part] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * part), weights, sums[part]);
+        }
+    for (; k + 8 <= length; k += 8)
+        sums[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))), sums[0]);
+    __m256 total = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 0x55));
+    float result = _mm_cvtss_f32(half);
+    for (; k < length; k++)
+        result += x[k] * half_to_float(row[k]);
+    return result;
+}
+#endif
 
 int tbq_half_linear(const float *x, int64_t tokens, int64_t in_features, const uint16_t *weight, int bfloat,
                     int64_t out_features, const float *bias, float *out) {
+#ifdef TBQ_HALF_VECTOR
+    if (!bfloat) {
+        for (int64_t n = 0; n < out_features; n++)
+            for (int64_t m = 0; m < tokens; m++) {
+                float acc = dot_half(x + m * in_features, weight + n * in_features, in_features);
+                out[m * out_features + n] = bias ? acc + bias[n] : acc;
+            }
+        return 0;
+    }
+#endif
     float *row = malloc((size_t)in_features * sizeof(float));
     if (!row)
         return -1;
