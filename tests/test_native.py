@@ -18,6 +18,7 @@ from tbquant.nn import PackedLinear, QuantLinear, native
 from tbquant.nn.convert import layout_for
 from tbquant.nn.half import HalfStorageEmbedding, HalfStorageLinear, keep_stored_dtype
 from tbquant.nn.linear import OUTPUT_TOLERANCE
+from tbquant.quantizers.activation import ActivationQuantizer, QuantPoint
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the fused kernels are not built")
 
@@ -242,3 +243,24 @@ def test_compute_dtype_follows_conversion(monkeypatch):
     assert model[0].compute_dtype == torch.float64
     assert model[0].weight.dtype == torch.float64
     assert model(torch.tensor([3])).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fake_quantize_equals_torch(bits, signed, monkeypatch):
+    """Dynamic per-token fake quantization: the kernel and torch give the same floats."""
+    quantizer = ActivationQuantizer(bits, QuantPoint.QUERY)
+    quantizer.signed.fill_(signed)
+    generator = torch.Generator().manual_seed(bits)
+    inputs = torch.randn(2, 3, 7, 64, generator=generator)
+    inputs[0, 0, 0] = 0.0  # an all-zero token takes the minimum scale
+    inputs[0, 0, 1, :4] = torch.tensor([0.5, 1.5, -2.5, 127.0])  # ties round to even
+    if not signed:
+        inputs = inputs.abs()
+
+    with torch.no_grad():
+        fused = quantizer(inputs)
+        monkeypatch.setattr(native, "MAX_QUANTIZE_ELEMENTS", 0)
+        reference = quantizer(inputs)
+
+    assert torch.equal(fused, reference)

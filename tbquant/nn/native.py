@@ -36,7 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Largest number of tokens (rows of the input) that packed layers compute with the fused kernel.
 # Beyond it the torch path's multi-threaded matrix product is faster. Measured on SmolLM2's
@@ -49,6 +49,10 @@ MAX_TOKENS = 16
 # and 10.0 ms, and the float32 head 2.1, 4.5 and 7.0 ms. At 16 tokens the chunked path was faster
 # (9.5 ms against 15.4 ms).
 MAX_HALF_TOKENS = 8
+
+# Largest tensor (in elements) fake-quantized by `fake_quantize`. Decoding's query, key, value
+# and probability tensors are far smaller. Prefill's are left to torch's multi-threaded operations.
+MAX_QUANTIZE_ELEMENTS = 1 << 18
 
 # Activation quantization modes of `tbq_linear_int`.
 DYNAMIC, LEARNED_ROUND, LEARNED_SIGN = 0, 1, 2
@@ -84,6 +88,7 @@ _SIGNATURES = {
     "tbq_abi_version": ([], ctypes.c_int),
     "tbq_linear_int": ([_layer, _pointer, ctypes.c_int64, ctypes.c_float, _pointer], ctypes.c_int),
     "tbq_linear_float": ([_layer, _pointer, ctypes.c_int64, _pointer], ctypes.c_int),
+    "tbq_fake_quantize": ([_pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _pointer], None),
     "tbq_half_linear": (
         [_pointer, ctypes.c_int64, ctypes.c_int64, _pointer, ctypes.c_int, ctypes.c_int64, _pointer, _pointer],
         ctypes.c_int,
@@ -236,4 +241,13 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight.shape[0], _address(bias), out.data_ptr(),
     )  # fmt: skip
     _check(status)
+    return out
+
+
+def fake_quantize(x: torch.Tensor, levels: int, signed: bool) -> torch.Tensor:
+    """Return `x` (float32) fake-quantized per row of its last dimension by the dynamic quantizer."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    length = x.shape[-1]
+    library().tbq_fake_quantize(x.data_ptr(), x.numel() // length if length else 0, length, levels, int(signed), out.data_ptr())
     return out

@@ -37,6 +37,13 @@ _MIN_DYNAMIC_SCALE = 1e-8
 NON_NEGATIVE_MIN = -0.2
 
 
+def _native():
+    """Return `tbquant.nn.native`, imported on first use (`tbquant.nn` imports this module)."""
+    from tbquant.nn import native
+
+    return native
+
+
 class QuantPoint(str, enum.Enum):
     """Position of an activation quantizer in the network."""
 
@@ -151,6 +158,9 @@ class ActivationQuantizer(nn.Module):
             )
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and 0 < x.numel() <= _native().MAX_QUANTIZE_ELEMENTS:
+            if _native().usable(x):
+                return _native().fake_quantize(x, self.levels_above_zero, bool(self.signed))
         codes, scale = self._dynamic_codes(x)
         quantized = codes * scale
         if not torch.is_grad_enabled():

@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TBQ_ABI_VERSION 3
+#define TBQ_ABI_VERSION 4
 
 /* Activation quantization modes, matching tbquant.quantizers.activation.ActivationQuantizer. */
 #define TBQ_DYNAMIC 0 /* per-token absmax: s = max(amax, 1e-8) / levels, c = clamp(round(x / s)) */
@@ -97,6 +97,33 @@ static void quantize_token(const float *x, int64_t in_features, int64_t columns,
     }
     memset(codes + in_features, 0, (size_t)(columns - in_features));
     *code_sum = (float)sum + (float)shift * (float)in_features;
+}
+
+/*
+ * Fake-quantize `rows` rows of `length` float32 values with the dynamic per-token quantizer:
+ * out = clamp(round(x / s), low, levels) * s with s = max(amax, 1e-8) / levels, the same
+ * float operations as ActivationQuantizer on torch. Serves the small query, key, value and
+ * probability tensors of decoding, where torch's eight separate operations cost more than the
+ * arithmetic.
+ */
+void tbq_fake_quantize(const float *x, int64_t rows, int64_t length, int levels, int is_signed, float *out) {
+    float low = is_signed ? (float)-levels : 0.0f;
+    float high = (float)levels;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * length;
+        float *target = out + r * length;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < length; k++) {
+            float v = is_signed ? fabsf(row[k]) : row[k];
+            amax = v > amax ? v : amax;
+        }
+        float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
+        for (int64_t k = 0; k < length; k++) {
+            float c = nearbyintf(row[k] / s);
+            c = c < low ? low : (c > high ? high : c);
+            target[k] = c * s;
+        }
+    }
 }
 
 /*
