@@ -176,7 +176,12 @@ class TbquantHfQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         # NOTE: saving goes through `tbquant compress`; `save_pretrained` of a loaded export is
-        # not supported because transformers would drop the load guard from config.json.
+        # not supported because transformers would drop the load guard from config.json and write
+        # no checksums. transformers calls this only from save_pretrained, before it raises.
+        logger.warning(
+            "save_pretrained cannot write a loaded tbquant export: copy the export directory instead, "
+            "publish it with `tbquant push-to-hub`, or write a new one with `tbquant compress`"
+        )
         return False
 
     @property

@@ -322,3 +322,13 @@ def test_large_16bit_weights_stay_16bit(exported):
         # The tiny Llama's tied 49152 x 32 embedding and head stay one float16 tensor.
         assert isinstance(model.get_input_embeddings(), HalfStorageEmbedding)
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_save_pretrained_explains_alternatives(exported, tmp_path, caplog):
+    model = load_auto(exported)
+
+    with caplog.at_level("WARNING", logger="tbquant.hf_quantizer"), pytest.raises(ValueError):
+        model.save_pretrained(tmp_path / "copy")
+
+    assert "tbquant push-to-hub" in caplog.text
+    assert not (tmp_path / "copy" / "model.safetensors").exists()
