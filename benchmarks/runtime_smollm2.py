@@ -111,7 +111,10 @@ def measure(path: Path, dtype_name: str, decode_tokens: int, prefill_batch: int,
     started = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).eval()
     load_seconds = time.perf_counter() - started
+    from tbquant.nn import native
+
     result = {
+        "fused_kernels": native.library() is not None,
         "load_seconds": load_seconds,
         "peak_load_bytes": peak_resident_bytes() - baseline,
         "file_bytes": (path / "model.safetensors").stat().st_size,
