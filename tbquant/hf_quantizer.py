@@ -42,10 +42,8 @@ from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
 from tbquant.integrity import CHECKSUMS_NAME, verify_export
 from tbquant.nn.convert import build_packed_skeleton
-from tbquant.nn.embedding import PackedEmbedding
 from tbquant.nn.half import HALF_DTYPES, eligible_weights, keep_stored_dtype
 from tbquant.nn.linear import PackedLinear
-from tbquant.quantizers.activation import ActivationQuantizer
 from tbquant.serialization import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -157,6 +155,8 @@ class TbquantHfQuantizer(HfQuantizer):
                 for name, tensor in tensors.items():
                     if tensor is None or tensor.device.type != "cpu" or tensor.dtype not in _STORED_DTYPES:
                         continue
+                    if name in module._non_persistent_buffers_set:
+                        continue  # computed after loading (the planar codes), not read from the file
                     # Tensors that share memory (a tied head) share the copy.
                     key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), isinstance(tensor, torch.nn.Parameter))
                     if key not in copies:

@@ -52,7 +52,9 @@ class HalfStorageEmbedding(_HalfStorage, nn.Embedding):
     """`nn.Embedding` with a 16-bit table; looked-up rows are returned in `compute_dtype`."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        rows = F.embedding(
+            input_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         return rows.to(self.compute_dtype)
 
 

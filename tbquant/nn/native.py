@@ -97,7 +97,9 @@ _SIGNATURES = {
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("TBQUANT_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tbquant")
+    root = os.environ.get("TBQUANT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tbquant"
+    )
     return Path(root) / "kernels"
 
 
@@ -124,11 +126,15 @@ def _compile(compiler: str, source: Path, target: Path) -> None:
     os.close(handle)
     try:
         for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
-            result = subprocess.run([compiler, *flags, "-o", staging, str(source), "-lm"], capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [compiler, *flags, "-o", staging, str(source), "-lm"], capture_output=True, text=True, timeout=120, check=False
+            )
             if result.returncode == 0:
                 os.replace(staging, target)
                 return
-        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"{compiler} exited with {result.returncode}")
+        raise RuntimeError(
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"{compiler} exited with {result.returncode}"
+        )
     finally:
         if os.path.exists(staging):
             os.unlink(staging)
@@ -146,7 +152,9 @@ def library() -> ctypes.CDLL | None:
         return None
     with resources.as_file(resources.files("tbquant.nn") / "csrc" / _SOURCE) as source:
         text = source.read_bytes()
-        key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_identity().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join([text, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_identity().encode()])
+        ).hexdigest()[:16]
         target = _cache_dir() / f"tbquant_cpu_{key}.so"
         try:
             if not target.is_file():

@@ -158,9 +158,9 @@ class ActivationQuantizer(nn.Module):
             )
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.dtype == torch.float32 and 0 < x.numel() <= _native().MAX_QUANTIZE_ELEMENTS:
-            if _native().usable(x):
-                return _native().fake_quantize(x, self.levels_above_zero, bool(self.signed))
+        native = _native()
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and 0 < x.numel() <= native.MAX_QUANTIZE_ELEMENTS and native.usable(x):
+            return native.fake_quantize(x, self.levels_above_zero, bool(self.signed))
         codes, scale = self._dynamic_codes(x)
         quantized = codes * scale
         if not torch.is_grad_enabled():
