@@ -9,7 +9,9 @@ Each stored tensor belongs to one group: attention (projections and quantizers o
 modules), feed-forward (the other linear layers of the repeated blocks), embeddings, head,
 norms, or other. A group's parameters are the weights it stands for: `out * in` for a packed
 weight and the element count for a full-precision parameter. Scales, offsets, activation
-quantizer state and buffers take bytes but count as no parameters.
+quantizer state and buffers take bytes but count as no parameters. `out * in` comes from the
+skeleton's weight shape, because a packed tensor's shape depends on the layout (a
+ternary-compact stream is one-dimensional).
 """
 
 from __future__ import annotations
@@ -154,13 +156,6 @@ class _Classifier:
         return "other"
 
 
-def _in_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    # transformers' Conv1D (GPT-2) stores its weight as [in, out] and has no in_features.
-    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
-
-
 def inspect_export(path: str | Path) -> dict[str, Any]:
     """Return the size figures and settings of the export at `path`, ready for JSON.
 
@@ -191,7 +186,7 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
         weight_count = 0
         if owner in quantized_modules and tensor_name.rpartition(".")[2] in _PACKED_SUFFIXES:
             if tensor_name.endswith(".weight_packed"):
-                weight_count = entry.shape[0] * _in_features(classifier.modules[owner])
+                weight_count = math.prod(classifier.modules[owner].weight.shape)
             quantized.parameters += weight_count
             quantized.quantized_parameters += weight_count
             quantized.bytes += size

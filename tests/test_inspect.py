@@ -143,12 +143,12 @@ def test_llama_groups_match_shapes(name, exports, tiny_model):
     assert groups["embeddings"]["bytes"] == 2 * model.embed_tokens.weight.numel()
 
 
-def test_compact_codes_take_ceil_in_over_5(exports, tiny_model):
+def test_compact_codes_take_ceil_out_in_over_5(exports, tiny_model):
     _, _, export_dir = exports("llama-ternary-a8")
     report = inspect_export(export_dir)
     # The base model without its head: every linear layer is in a decoder layer and quantized.
     model = transformers.AutoModel.from_pretrained(tiny_model("llama"))
-    code_bytes = sum(module.out_features * math.ceil(module.in_features / 5) for module in linear_modules(model))
+    code_bytes = sum(math.ceil(module.out_features * module.in_features / 5) for module in linear_modules(model))
     scale_bytes = 2 * sum(module.out_features for module in linear_modules(model))
 
     assert report["quantized"]["bytes"] == code_bytes + scale_bytes
