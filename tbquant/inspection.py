@@ -161,8 +161,10 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
 
     Keys: `path`, `base_model`, `architecture`, `task`, `weights`, `activations`, `fp_dtype`,
     `groups` (figures per group), `total` (figures of the whole weights file), `quantized`
-    (figures of the packed modules alone), `full_precision_modules`, `tied`, `header_bytes`
-    and `files` (bytes of every file in the export).
+    (figures of the packed modules alone), `layers` (figures of each packed module, by name:
+    `code_bytes` and `code_bits_per_weight` count its codes alone, `bytes` and
+    `bits_per_weight` its codes, scales and offsets), `full_precision_modules`, `tied`,
+    `header_bytes` and `files` (bytes of every file in the export).
 
     Raises:
         ExportError: if `path` is not a readable tbquant export.
@@ -179,14 +181,19 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
 
     groups = {name: GroupFigures() for name in GROUPS}
     quantized = GroupFigures()
+    layers: dict[str, dict[str, Any]] = {}
     for tensor_name, entry in entries.items():
         owner = _owner(classifier.modules, tensor_name)
         group = groups[classifier.group(owner)]
         size = entry.bytes
         weight_count = 0
         if owner in quantized_modules and tensor_name.rpartition(".")[2] in _PACKED_SUFFIXES:
+            layer = layers.setdefault(owner, {"parameters": 0, "code_bytes": 0, "bytes": 0})
             if tensor_name.endswith(".weight_packed"):
                 weight_count = math.prod(classifier.modules[owner].weight.shape)
+                layer["parameters"] = weight_count
+                layer["code_bytes"] = size
+            layer["bytes"] += size
             quantized.parameters += weight_count
             quantized.quantized_parameters += weight_count
             quantized.bytes += size
@@ -227,10 +234,21 @@ def inspect_export(path: str | Path) -> dict[str, Any]:
         "groups": {name: figures.to_dict() for name, figures in groups.items() if figures.tensors},
         "total": total.to_dict(),
         "quantized": {"modules": len(quantized_modules), **quantized.to_dict()},
+        "layers": {name: _layer_figures(layers[name]) for name in sorted(layers)},
         "full_precision_modules": _full_precision_modules(classifier, entries, quantized_modules, quantization.get("tied", {})),
         "tied": quantization.get("tied", {}),
         "header_bytes": header_bytes,
         "files": {item.name: item.stat().st_size for item in sorted(path.iterdir()) if item.is_file()},
+    }
+
+
+def _layer_figures(layer: dict[str, int]) -> dict[str, Any]:
+    """Add the bits per weight to a packed module's `parameters`, `code_bytes` and `bytes`."""
+    parameters = layer["parameters"]
+    return {
+        **layer,
+        "code_bits_per_weight": 8 * layer["code_bytes"] / parameters if parameters else None,
+        "bits_per_weight": 8 * layer["bytes"] / parameters if parameters else None,
     }
 
 
