@@ -79,7 +79,7 @@ def quantized_layer_bits(model) -> dict[str, float]:
         if not isinstance(module, PackedLinear):
             continue
         weights += module.out_features * module.in_features
-        code_bytes += module.out_features * packing.packed_columns(module.in_features, module.layout)
+        code_bytes += packing.packed_bytes(module.out_features, module.in_features, module.layout, module.format_version)
         scale_bytes += module.weight_scale.numel() * module.weight_scale.element_size()
         if module.weight_offset is not None:
             scale_bytes += module.weight_offset.numel() * module.weight_offset.element_size()

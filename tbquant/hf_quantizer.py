@@ -38,6 +38,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from tbquant import packing
 from tbquant.config import QuantizationConfig
 from tbquant.errors import ExportError
 from tbquant.integrity import CHECKSUMS_NAME, verify_export
@@ -126,7 +127,10 @@ class TbquantHfQuantizer(HfQuantizer):
         for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
             module_name, _, attribute = target.rpartition(".")
             setattr(model.get_submodule(module_name), attribute, model.get_parameter(source))
-        build_packed_skeleton(model, self.quantization_config.quantization)
+        # The packed modules expect the codes in the layout of the export's format (format 1 padded
+        # every row of ternary-compact codes, format 2 writes one stream).
+        format_version = getattr(self.quantization_config, "format_version", packing.ROW_PADDED_FORMAT_VERSION)
+        build_packed_skeleton(model, self.quantization_config.quantization, format_version)
         # Ties whose ends are no longer both parameters (packed modules, an untied head) are
         # dropped, so that transformers does not tie them again after loading.
         parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}

@@ -9,7 +9,9 @@ Each stored tensor belongs to one group: attention (projections and quantizers o
 modules), feed-forward (the other linear layers of the repeated blocks), embeddings, head,
 norms, or other. A group's parameters are the weights it stands for: `out * in` for a packed
 weight and the element count for a full-precision parameter. Scales, offsets, activation
-quantizer state and buffers take bytes but count as no parameters.
+quantizer state and buffers take bytes but count as no parameters. `out * in` comes from the
+skeleton's weight shape, because a packed tensor's shape depends on the layout (a
+ternary-compact stream is one-dimensional).
 """
 
 from __future__ import annotations
@@ -158,13 +160,6 @@ class _Classifier:
         return "other"
 
 
-def _in_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    # transformers' Conv1D (GPT-2) stores its weight as [in, out] and has no in_features.
-    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
-
-
 def check_checksums(path: Path, verify: bool = True) -> str:
     """Check the weight files of the export at `path` against its `checksums.sha256`.
 
@@ -192,8 +187,11 @@ def inspect_export(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
     Keys: `path`, `base_model`, `architecture`, `task`, `weights`, `activations`, `fp_dtype`,
     `groups` (figures per group), `total` (figures of the whole weights file), `quantized`
-    (figures of the packed modules alone), `full_precision_modules`, `tied`, `header_bytes`,
-    `files` (bytes of every file in the export) and `checksums` (the result of `check_checksums`).
+    (figures of the packed modules alone), `layers` (figures of each packed module, by name:
+    `code_bytes` and `code_bits_per_weight` count its codes alone, `bytes` and
+    `bits_per_weight` its codes, scales and offsets), `full_precision_modules`, `tied`,
+    `header_bytes`, `files` (bytes of every file in the export) and `checksums` (the result of
+    `check_checksums`).
 
     Raises:
         ExportError: if `path` is not a readable tbquant export, or a weight file is corrupt.
@@ -211,14 +209,19 @@ def inspect_export(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
     groups = {name: GroupFigures() for name in GROUPS}
     quantized = GroupFigures()
+    layers: dict[str, dict[str, Any]] = {}
     for tensor_name, entry in entries.items():
         owner = _owner(classifier.modules, tensor_name)
         group = groups[classifier.group(owner)]
         size = entry.bytes
         weight_count = 0
         if owner in quantized_modules and tensor_name.rpartition(".")[2] in _PACKED_SUFFIXES:
+            layer = layers.setdefault(owner, {"parameters": 0, "code_bytes": 0, "bytes": 0})
             if tensor_name.endswith(".weight_packed"):
-                weight_count = entry.shape[0] * _in_features(classifier.modules[owner])
+                weight_count = math.prod(classifier.modules[owner].weight.shape)
+                layer["parameters"] = weight_count
+                layer["code_bytes"] = size
+            layer["bytes"] += size
             quantized.parameters += weight_count
             quantized.quantized_parameters += weight_count
             quantized.bytes += size
@@ -259,11 +262,22 @@ def inspect_export(path: str | Path, verify: bool = True) -> dict[str, Any]:
         "groups": {name: figures.to_dict() for name, figures in groups.items() if figures.tensors},
         "total": total.to_dict(),
         "quantized": {"modules": len(quantized_modules), **quantized.to_dict()},
+        "layers": {name: _layer_figures(layers[name]) for name in sorted(layers)},
         "full_precision_modules": _full_precision_modules(classifier, entries, quantized_modules, quantization.get("tied", {})),
         "tied": quantization.get("tied", {}),
         "header_bytes": header_bytes,
         "files": {item.name: item.stat().st_size for item in sorted(path.iterdir()) if item.is_file()},
         "checksums": checksums,
+    }
+
+
+def _layer_figures(layer: dict[str, int]) -> dict[str, Any]:
+    """Add the bits per weight to a packed module's `parameters`, `code_bytes` and `bytes`."""
+    parameters = layer["parameters"]
+    return {
+        **layer,
+        "code_bits_per_weight": 8 * layer["code_bytes"] / parameters if parameters else None,
+        "bits_per_weight": 8 * layer["bytes"] / parameters if parameters else None,
     }
 
 

@@ -3,7 +3,8 @@
 - `config.json`: the model's config with a `quantization_config` whose `quant_method` is
   "tbquant" (`build_quantization_config` lists its fields) and `transformers_weights` set to
   `LOAD_GUARD`, so that transformers without tbquant fails instead of loading random weights;
-- `model.safetensors`: packed codes (`<module>.weight_packed`, uint8), per-row scales
+- `model.safetensors`: packed codes (`<module>.weight_packed`, uint8, shaped by
+  `tbquant.packing.packed_shape`), per-row scales
   (`<module>.weight_scale`) and offsets (`<module>.weight_offset`, only for centred weights),
   learned activation scales (`<quantizer>.alpha`, float32), quantizer flags (bool) and every
   full-precision tensor in `fp_dtype`. Tensors shared by several modules (tied embeddings) are
@@ -30,7 +31,9 @@ from tbquant.pipeline.settings import Task
 from tbquant.quantizers.weight import storage_dtype
 
 QUANT_METHOD = "tbquant"
-FORMAT_VERSION = 1
+# Version 2 stores ternary-compact codes as one stream per tensor, while version 1 padded every
+# row to whole bytes (`tbquant.packing`). The loader reads both.
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 
 # Value of `transformers_weights` in an export's config.json. It is not a `.safetensors` name, so

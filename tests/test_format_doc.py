@@ -1,7 +1,9 @@
 """docs/format.md against the code: its worked examples, its field table and the dtypes it states.
 
 The worked examples are the ```text blocks of the page. A block with a `layout:` line is a
-packing example, a block with a `scheme:` line a quantization example of one row of weights.
+packing example (of the current export format unless a `format:` line names another, of one
+row unless a `shape:` line gives `out in`), a block with a `scheme:` line a quantization example
+of one row of weights.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tbquant.config import QuantizationConfig, WeightQuantConfig
 from tbquant.nn.convert import ConversionReport
 from tbquant.pipeline.settings import Task
 from tbquant.quantizers.weight import quantize_weight
-from tbquant.serialization import build_quantization_config
+from tbquant.serialization import FORMAT_VERSION, build_quantization_config
 
 FORMAT_DOC = Path(__file__).resolve().parent.parent / "docs" / "format.md"
 
@@ -46,28 +48,55 @@ PACKING_EXAMPLES = [block for block in text_blocks() if "layout" in block]
 SCALE_EXAMPLES = [block for block in text_blocks() if "scheme" in block]
 
 
+def example_format(example: dict[str, str]) -> int:
+    return int(example.get("format", FORMAT_VERSION))
+
+
+def example_id(example: dict[str, str]) -> str:
+    return f"{example['layout']}-format{example_format(example)}"
+
+
 def test_every_layout_has_example():
-    assert sorted(block["layout"] for block in PACKING_EXAMPLES) == sorted(layout.value for layout in packing.Layout)
+    current = [block["layout"] for block in PACKING_EXAMPLES if example_format(block) == FORMAT_VERSION]
+    row_padded = [block["layout"] for block in PACKING_EXAMPLES if example_format(block) == packing.ROW_PADDED_FORMAT_VERSION]
+
+    assert sorted(current) == sorted(layout.value for layout in packing.Layout)
+    assert row_padded == [packing.Layout.TERNARY_COMPACT.value]
     assert len(SCALE_EXAMPLES) == 3
 
 
-@pytest.mark.parametrize("example", PACKING_EXAMPLES, ids=[block["layout"] for block in PACKING_EXAMPLES])
+def padded_codes(values: torch.Tensor, layout: packing.Layout, format_version: int) -> list[int]:
+    """Return the codes of `values` in stored order with the padding codes the layout adds."""
+    per_byte = layout.values_per_byte
+    padding = 0 if layout == packing.Layout.BINARY else 1
+    rows = [values.reshape(-1).tolist()] if packing.is_stream(layout, format_version) else values.tolist()
+    codes = []
+    for row in rows:
+        if layout == packing.Layout.BINARY:
+            row_codes = [1 if value > 0 else 0 for value in row]
+        else:
+            row_codes = [value + 1 for value in row]
+        codes += row_codes + [padding] * (-len(row_codes) % per_byte)
+    return codes
+
+
+@pytest.mark.parametrize("example", PACKING_EXAMPLES, ids=[example_id(block) for block in PACKING_EXAMPLES])
 def test_packing_example_matches_code(example):
     layout = packing.Layout(example["layout"])
-    values = torch.tensor([numbers(example["values"])], dtype=torch.int8)
+    format_version = example_format(example)
+    flat_values = numbers(example["values"])
+    out_features, in_features = numbers(example["shape"]) if "shape" in example else (1, len(flat_values))
+    values = torch.tensor(flat_values, dtype=torch.int8).view(out_features, in_features)
     stored_bytes = numbers(example["bytes"])
     groups = [numbers(group) for group in example["codes"].split("|")]
+    packed = torch.tensor(stored_bytes, dtype=torch.uint8).view(packing.packed_shape(out_features, in_features, layout, format_version))
 
-    assert packing.pack(values, layout)[0].tolist() == stored_bytes
-    assert torch.equal(packing.unpack(torch.tensor([stored_bytes], dtype=torch.uint8), layout, values.shape[1]), values)
+    assert [len(numbers(row)) for row in example["values"].split("|")] == [in_features] * out_features
+    assert packing.pack(values, layout, format_version).reshape(-1).tolist() == stored_bytes
+    assert torch.equal(packing.unpack(packed, layout, out_features, in_features, format_version), values)
     assert all(len(group) == layout.values_per_byte for group in groups)
     assert len(groups) == len(stored_bytes)
-    codes = [code for group in groups for code in group]
-    if layout == packing.Layout.BINARY:
-        expected_codes = [1 if value > 0 else 0 for value in values[0].tolist()]
-    else:
-        expected_codes = [value + 1 for value in values[0].tolist()]
-    assert codes[: values.shape[1]] == expected_codes
+    assert [code for group in groups for code in group] == padded_codes(values, layout, format_version)
 
 
 @pytest.mark.parametrize("example", SCALE_EXAMPLES, ids=[f"{block['scheme']}-center-{block['center']}" for block in SCALE_EXAMPLES])
@@ -80,7 +109,7 @@ def test_scale_example_matches_code(example):
 
     assert scale.item() == float(example["scale"])
     assert codes[0].tolist() == numbers(example["values"])
-    assert packing.pack(codes, layout)[0].tolist() == numbers(example["bytes"])
+    assert packing.pack(codes, layout).reshape(-1).tolist() == numbers(example["bytes"])
     if config.center:
         assert offset.item() == float(example["offset"])
     else:

@@ -143,15 +143,53 @@ def test_llama_groups_match_shapes(name, exports, tiny_model):
     assert groups["embeddings"]["bytes"] == 2 * model.embed_tokens.weight.numel()
 
 
-def test_compact_codes_take_ceil_in_over_5(exports, tiny_model):
+def test_compact_codes_take_ceil_out_in_over_5(exports, tiny_model):
     _, _, export_dir = exports("llama-ternary-a8")
     report = inspect_export(export_dir)
     # The base model without its head: every linear layer is in a decoder layer and quantized.
     model = transformers.AutoModel.from_pretrained(tiny_model("llama"))
-    code_bytes = sum(module.out_features * math.ceil(module.in_features / 5) for module in linear_modules(model))
+    code_bytes = sum(math.ceil(module.out_features * module.in_features / 5) for module in linear_modules(model))
     scale_bytes = 2 * sum(module.out_features for module in linear_modules(model))
 
     assert report["quantized"]["bytes"] == code_bytes + scale_bytes
+
+
+def test_compact_layer_bits_per_weight(exports, tiny_model):
+    _, _, export_dir = exports("llama-ternary-a8")
+    report = inspect_export(export_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+
+    assert sorted(report["layers"]) == sorted(linear)
+    for name, module in linear.items():
+        weights = module.out_features * module.in_features
+        figures = report["layers"][name]
+        assert figures["parameters"] == weights, name
+        assert figures["code_bits_per_weight"] == 8 * math.ceil(weights / 5) / weights, name
+        assert figures["code_bits_per_weight"] <= 1.6 + 8 / weights, name
+        assert figures["bits_per_weight"] == 8 * (math.ceil(weights / 5) + 2 * module.out_features) / weights, name
+
+
+def test_layer_figures_add_up(export):
+    _, _, export_dir = export
+    report = inspect_export(export_dir)
+    layers = report["layers"].values()
+
+    assert sum(layer["bytes"] for layer in layers) == report["quantized"]["bytes"]
+    assert sum(layer["parameters"] for layer in layers) == report["quantized"]["parameters"]
+
+
+@pytest.mark.parametrize(("name", "per_byte"), [("llama-dense-keep-mlp", 4), ("bart-binary-a2", 8)])
+def test_dense_and_binary_layers_pad_rows(exports, name, per_byte):
+    _, state, export_dir = exports(name)
+    report = inspect_export(export_dir)
+
+    assert report["layers"]
+    for module_name, figures in report["layers"].items():
+        module = state.model.get_submodule(module_name)
+        rows = module.weight_scale.numel()
+        columns = figures["parameters"] // rows
+        assert figures["code_bytes"] == rows * math.ceil(columns / per_byte), module_name
 
 
 def test_full_precision_modules_listed(export):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tbquant
 from tbquant.errors import ExportError
-from tbquant.integrity import CHECKSUMS_NAME
-from tbquant.nn import PackedLinear, QuantLinear, kernels
+from tbquant.integrity import CHECKSUMS_NAME, write_checksums
+from tbquant.nn import PackedEmbedding, PackedLinear, QuantLinear, kernels
 from tbquant.nn.half import MIN_ELEMENTS, HalfStorageEmbedding, HalfStorageLinear
 from tbquant.nn.linear import OUTPUT_TOLERANCE
 from tbquant.pipeline.registry import get_stage
@@ -269,7 +270,7 @@ def test_missing_tensor_error(llama_export, tmp_path):
 def test_wrong_shape_error(llama_export, tmp_path):
     def change(tensors):
         name = "model.layers.0.self_attn.q_proj.weight_packed"
-        tensors[name] = tensors[name][:, :-1].contiguous()
+        tensors[name] = tensors[name][:-1].contiguous()
 
     path = corrupt_copy(llama_export, tmp_path, change)
 
@@ -332,3 +333,85 @@ def test_save_pretrained_explains_alternatives(exported, tmp_path, caplog):
 
     assert "tbquant push-to-hub" in caplog.text
     assert not (tmp_path / "copy" / "model.safetensors").exists()
+
+
+# Exports of format 1: ternary-compact codes padded to whole bytes in every row.
+
+
+def stream_to_codes(stream: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Decode a format-2 ternary-compact stream: 5 base-3 digits per byte, the first the least significant."""
+    digits = (stream.long().unsqueeze(1) // torch.tensor([1, 3, 9, 27, 81])) % 3
+    return (digits.view(-1)[: out_features * in_features] - 1).view(out_features, in_features)
+
+
+def pack_rows_format1(codes: torch.Tensor) -> torch.Tensor:
+    """Encode codes as format-1 exports stored them: each row padded with code 1 to a multiple of 5."""
+    unsigned = nn.functional.pad(codes + 1, (0, -codes.shape[1] % 5), value=1)
+    digits = unsigned.view(codes.shape[0], -1, 5)
+    return (digits * torch.tensor([1, 3, 9, 27, 81])).sum(dim=-1).to(torch.uint8)
+
+
+def write_format1_copy(exported: Exported, folder: Path) -> Path:
+    """Copy a ternary-compact export to `folder`, rewritten as format 1 (checksums included)."""
+    model, _ = tbquant.load_quantized(exported.output)
+
+    def to_row_padded(tensors):
+        for name in [name for name in tensors if name.endswith(".weight_packed")]:
+            module = model.get_submodule(name.removesuffix(".weight_packed"))
+            in_features = module.embedding_dim if isinstance(module, PackedEmbedding) else module.in_features
+            out_features = tensors[name.replace("weight_packed", "weight_scale")].numel()
+            tensors[name] = pack_rows_format1(stream_to_codes(tensors[name], out_features, in_features))
+
+    target = corrupt_copy(exported, folder, to_row_padded)
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"]["format_version"] = 1
+    (target / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    write_checksums(target)
+    return target
+
+
+def model_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        outputs = model(**batch)
+    return outputs.logits if getattr(outputs, "logits", None) is not None else outputs.last_hidden_state
+
+
+@pytest.mark.parametrize(("architecture", "options"), [("llama", {}), ("bart", {"embeddings": "quantize"})], ids=["llama", "bart-embeddings"])
+def test_format1_export_loads_identically(tiny_model, tmp_path, architecture, options):
+    exported = export_ptq(tiny_model(architecture), tmp_path / "current", architecture, **options)
+    old = write_format1_copy(exported, tmp_path / "format1")
+    current, tokenizer = tbquant.load_quantized(exported.output)
+    loaded, _ = tbquant.load_quantized(old)
+    batch = real_batch(tokenizer, ARCHITECTURES[architecture].task)
+
+    packed = [module for module in loaded.modules() if isinstance(module, (PackedLinear, PackedEmbedding))]
+    stored = load_file(str(old / "model.safetensors"))
+    assert packed
+    assert {module.format_version for module in packed} == {1}
+    for name, tensor in stored.items():
+        if name.endswith(".weight_packed"):
+            module = loaded.get_submodule(name.removesuffix(".weight_packed"))
+            in_features = module.embedding_dim if isinstance(module, PackedEmbedding) else module.in_features
+            assert tensor.shape == (stored[name.replace("weight_packed", "weight_scale")].numel(), math.ceil(in_features / 5)), name
+    assert torch.equal(model_outputs(loaded, batch), model_outputs(current, batch))
+
+
+def test_format1_export_state_dict_keeps_format1(llama_export, tmp_path):
+    old = write_format1_copy(llama_export, tmp_path)
+    loaded, _ = tbquant.load_quantized(old)
+    stored = load_file(str(old / "model.safetensors"))
+
+    state = loaded.state_dict()
+
+    for name, tensor in stored.items():
+        if name.endswith(".weight_packed"):
+            assert torch.equal(state[name], tensor), name
+
+
+def test_stream_labelled_format1_error(llama_export, tmp_path):
+    path = corrupt_copy(llama_export, tmp_path, lambda tensors: None)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"]["format_version"] = 1
+    (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    assert_one_line_export_error(path, "weight_packed has shape")

@@ -108,7 +108,7 @@ def _plan(model: nn.Module, config: QuantizationConfig) -> tuple[list[str], list
     return linear, embeddings, attention, kept, untie
 
 
-def _replace(model: nn.Module, config: QuantizationConfig, packed: bool) -> ConversionReport:
+def _replace(model: nn.Module, config: QuantizationConfig, packed: bool, format_version: int = packing.STREAM_FORMAT_VERSION) -> ConversionReport:
     linear, embeddings, attention, kept, untie = _plan(model, config)
     if untie:
         _untie(model)
@@ -131,6 +131,7 @@ def _replace(model: nn.Module, config: QuantizationConfig, packed: bool) -> Conv
                     config.weights.scale_dtype,
                     config.weights.center,
                     bits,
+                    format_version,
                 )
             else:
                 replacements[key] = QuantLinear.from_linear(module, config.weights, bits)
@@ -149,6 +150,7 @@ def _replace(model: nn.Module, config: QuantizationConfig, packed: bool) -> Conv
                     config.weights.scale_dtype,
                     config.weights.center,
                     QuantEmbedding.from_embedding(module, config.weights).embed_scale,
+                    format_version,
                 )
             else:
                 replacements[key] = QuantEmbedding.from_embedding(module, config.weights)
@@ -186,10 +188,10 @@ def prepare_student(model: nn.Module, config: QuantizationConfig) -> ConversionR
     return report
 
 
-def build_packed_skeleton(model: nn.Module, config: QuantizationConfig) -> ConversionReport:
+def build_packed_skeleton(model: nn.Module, config: QuantizationConfig, format_version: int = packing.STREAM_FORMAT_VERSION) -> ConversionReport:
     """Replace the selected modules of a freshly built model with empty packed modules, ready for
-    `load_state_dict` from an export."""
-    return _replace(model, config, packed=True)
+    `load_state_dict` from an export of format `format_version`."""
+    return _replace(model, config, packed=True, format_version=format_version)
 
 
 def convert_to_packed(model: nn.Module, config: QuantizationConfig) -> int:

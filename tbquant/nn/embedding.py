@@ -51,7 +51,11 @@ class QuantEmbedding(nn.Module):
 
 
 class PackedEmbedding(nn.Module):
-    """Token embedding stored as packed codes and per-row scales (same buffers as `PackedLinear`)."""
+    """Token embedding stored as packed codes and per-row scales (same buffers as `PackedLinear`).
+
+    The codes stay in the disk layout of export format `format_version`, and a lookup unpacks
+    only the rows it needs (`packing.unpack_rows`).
+    """
 
     def __init__(
         self,
@@ -62,16 +66,18 @@ class PackedEmbedding(nn.Module):
         scale_dtype: str,
         centered: bool,
         embed_scale: float = 1.0,
+        format_version: int = packing.STREAM_FORMAT_VERSION,
     ) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.layout = packing.Layout(layout)
+        self.format_version = format_version
         self.embed_scale = embed_scale
         dtype = storage_dtype(scale_dtype)
-        columns = packing.packed_columns(embedding_dim, self.layout)
-        self.register_buffer("weight_packed", torch.zeros(num_embeddings, columns, dtype=torch.uint8))
+        shape = packing.packed_shape(num_embeddings, embedding_dim, self.layout, format_version)
+        self.register_buffer("weight_packed", torch.zeros(shape, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(num_embeddings, dtype=dtype))
         self.register_buffer("weight_offset", torch.zeros(num_embeddings, dtype=dtype) if centered else None)
 
@@ -99,17 +105,17 @@ class PackedEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized float32 table, for code that reads `module.weight`; lookups unpack only
         the rows they need."""
-        codes = packing.unpack(self.weight_packed, self.layout, self.embedding_dim)
+        codes = packing.unpack(self.weight_packed, self.layout, self.num_embeddings, self.embedding_dim, self.format_version)
         return dequantize_weight(codes, self.weight_scale, self.weight_offset, torch.float32)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Only the looked-up rows are unpacked, so the table stays packed in memory.
         flat = input_ids.reshape(-1)
-        codes = packing.unpack(self.weight_packed[flat], self.layout, self.embedding_dim)
+        codes = packing.unpack_rows(self.weight_packed, self.layout, self.num_embeddings, self.embedding_dim, flat, self.format_version)
         offset = None if self.weight_offset is None else self.weight_offset[flat]
         rows = dequantize_weight(codes, self.weight_scale[flat], offset, torch.float32)
         embeddings = rows.view(*input_ids.shape, self.embedding_dim)
         return embeddings * self.embed_scale if self.embed_scale != 1.0 else embeddings
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, layout={self.layout.value}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, layout={self.layout.value}, format_version={self.format_version}"

@@ -87,8 +87,9 @@ class QuantLinear(nn.Module):
 class PackedLinear(nn.Module):
     """Linear layer whose weight is stored as packed integer codes and per-row scales.
 
-    Buffers saved in the export: `weight_packed` (uint8 `[out, bytes]` in the disk `layout`),
-    `weight_scale` (`[out]`) and, for mean-centred weights, `weight_offset` (`[out]`).
+    Buffers saved in the export: `weight_packed` (uint8, in the disk `layout` of export format
+    `format_version`, shaped by `packing.packed_shape`), `weight_scale` (`[out]`) and, for
+    mean-centred weights, `weight_offset` (`[out]`).
 
     Before the first forward pass (or through `prepare_for_inference`), the codes move to the
     planar layout of `tbquant.nn.kernels` (2 bits per ternary weight, 1 per binary weight, rows padded to a
@@ -113,15 +114,16 @@ class PackedLinear(nn.Module):
         scale_dtype: str,
         centered: bool,
         activation_bits: int | None,
+        format_version: int = packing.STREAM_FORMAT_VERSION,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.layout = packing.Layout(layout)
+        self.format_version = format_version
         self.code_bits = 1 if self.layout == packing.Layout.BINARY else 2
         dtype = storage_dtype(scale_dtype)
-        columns = packing.packed_columns(in_features, self.layout)
-        self.register_buffer("weight_packed", torch.zeros(out_features, columns, dtype=torch.uint8))
+        self.register_buffer("weight_packed", torch.zeros(self._packed_shape(), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=dtype))
         self.register_buffer("weight_offset", torch.zeros(out_features, dtype=dtype) if centered else None)
         self.register_buffer("weight_planes", None, persistent=False)
@@ -158,12 +160,15 @@ class PackedLinear(nn.Module):
     def binary(self) -> bool:
         return self.layout == packing.Layout.BINARY
 
+    def _packed_shape(self) -> tuple[int, ...]:
+        return packing.packed_shape(self.out_features, self.in_features, self.layout, self.format_version)
+
     @torch.no_grad()
     def prepare_for_inference(self) -> None:
         """Move the codes from the disk layout to the planar in-memory layout, dropping `weight_packed`."""
         if self.weight_planes is not None:
             return
-        codes = packing.unpack(self.weight_packed, self.layout, self.in_features)
+        codes = packing.unpack(self.weight_packed, self.layout, self.out_features, self.in_features, self.format_version)
         unsigned = (codes + 1) // 2 if self.binary else codes + 1
         self.weight_planes = kernels.pack_planes(unsigned, self.code_bits)
         self.weight_code_sums = unsigned.sum(dim=1, dtype=torch.int32)
@@ -176,7 +181,7 @@ class PackedLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """Return the `[out, in]` int8 weight codes, in {-1, 0, 1} or {-1, 1}."""
         if self.weight_planes is None:
-            return packing.unpack(self.weight_packed, self.layout, self.in_features)
+            return packing.unpack(self.weight_packed, self.layout, self.out_features, self.in_features, self.format_version)
         unsigned = self._unsigned_codes()[: self.out_features, : self.in_features].view(torch.int8)
         return 2 * unsigned - 1 if self.binary else unsigned - 1
 
@@ -196,12 +201,11 @@ class PackedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight_packed is None:
-            destination[prefix + "weight_packed"] = packing.pack(self.codes(), self.layout)
+            destination[prefix + "weight_packed"] = packing.pack(self.codes(), self.layout, self.format_version)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if self.weight_packed is None:
-            columns = packing.packed_columns(self.in_features, self.layout)
-            self.weight_packed = torch.zeros(self.out_features, columns, dtype=torch.uint8, device=self.weight_scale.device)
+            self.weight_packed = torch.zeros(self._packed_shape(), dtype=torch.uint8, device=self.weight_scale.device)
         self.weight_planes = None
         self.weight_code_sums = None
         self._native_kernel = None
@@ -272,4 +276,4 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout.value}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout.value}, format_version={self.format_version}"

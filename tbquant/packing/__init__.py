@@ -1,7 +1,6 @@
 """Bit packing of ternary and binary weight codes.
 
-Three layouts, each packing one row of a `[out, in]` code matrix into whole bytes (rows are
-padded independently, so row `r` of the packed matrix depends on row `r` of the codes only):
+Three layouts of a `[out, in]` code matrix:
 
 - `ternary-dense`: 4 codes per byte, 2 bits each, 2 bits per weight.
 - `ternary-compact`: 5 codes per byte in base 3 (3^5 = 243 <= 256), 1.6 bits per weight.
@@ -9,6 +8,15 @@ padded independently, so row `r` of the packed matrix depends on row `r` of the 
 
 Ternary values {-1, 0, +1} are stored as the unsigned codes {0, 1, 2} (value + 1); padding
 uses code 1 (value 0). Binary values {-1, +1} are stored as bits {0, 1}.
+
+How the rows meet depends on the export's `format_version`:
+
+- row-padded (`ternary-dense` and `binary` in every format, `ternary-compact` in format 1): each
+  row is packed on its own into `ceil(in / k)` whole bytes, a `[out, ceil(in / k)]` matrix;
+- stream (`ternary-compact` from format 2): the codes of the whole matrix in row-major order,
+  5 per byte, only the last byte padded, a `[ceil(out * in / 5)]` vector. Row `r` starts at
+  code `r * in`, which is digit `(r * in) % 5` of byte `(r * in) // 5`. Row padding would cost
+  up to 4 codes per row: 116 bytes for a 576-input row, 1.611 bits per weight instead of 1.6.
 """
 
 from __future__ import annotations
@@ -35,9 +43,37 @@ class Layout(str, enum.Enum):
         return 8 / self.values_per_byte
 
 
+# Export format versions (`format_version` of an export's quantization_config) that changed the
+# packing. Format 1 padded every row, and format 2 writes `ternary-compact` codes as one stream.
+ROW_PADDED_FORMAT_VERSION = 1
+STREAM_FORMAT_VERSION = 2
+
+
+def is_stream(layout: Layout, format_version: int = STREAM_FORMAT_VERSION) -> bool:
+    """Return whether `layout` packs the whole matrix as one stream in export format `format_version`."""
+    return Layout(layout) == Layout.TERNARY_COMPACT and format_version >= STREAM_FORMAT_VERSION
+
+
 def packed_columns(in_features: int, layout: Layout) -> int:
-    """Return the number of bytes that one packed row of `in_features` codes takes."""
-    return math.ceil(in_features / layout.values_per_byte)
+    """Return the number of bytes that one row-padded row of `in_features` codes takes."""
+    return math.ceil(in_features / Layout(layout).values_per_byte)
+
+
+def packed_shape(out_features: int, in_features: int, layout: Layout, format_version: int = STREAM_FORMAT_VERSION) -> tuple[int, ...]:
+    """Return the shape of the packed uint8 tensor of a `[out_features, in_features]` code matrix.
+
+    Example: a `[3, 576]` ternary-compact matrix packs to `(346,)` in format 2 (1728 codes, 5 per
+    byte, the last byte holding 3 codes and 2 padding codes) and to `(3, 116)` in format 1.
+    """
+    layout = Layout(layout)
+    if is_stream(layout, format_version):
+        return (math.ceil(out_features * in_features / layout.values_per_byte),)
+    return (out_features, packed_columns(in_features, layout))
+
+
+def packed_bytes(out_features: int, in_features: int, layout: Layout, format_version: int = STREAM_FORMAT_VERSION) -> int:
+    """Return the number of bytes that the codes of a `[out_features, in_features]` matrix take."""
+    return math.prod(packed_shape(out_features, in_features, layout, format_version))
 
 
 def _pad_columns(codes: torch.Tensor, multiple: int, fill: int) -> torch.Tensor:
@@ -127,20 +163,71 @@ _PACKERS = {
 }
 
 
-def pack(codes: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Pack a `[out, in]` int8 code matrix with `layout`."""
+def pack(codes: torch.Tensor, layout: Layout, format_version: int = STREAM_FORMAT_VERSION) -> torch.Tensor:
+    """Pack a `[out, in]` int8 code matrix with `layout` as export format `format_version` stores it.
+
+    Returns a tensor of shape `packed_shape(out, in, layout, format_version)`. A stream is the
+    packing of the flattened matrix as a single row.
+    """
     if codes.dim() != 2:
         raise ValueError(f"invalid code tensor of shape {tuple(codes.shape)}: expected [out, in]")
-    return _PACKERS[Layout(layout)][0](codes)
-
-
-def unpack(packed: torch.Tensor, layout: Layout, in_features: int) -> torch.Tensor:
-    """Unpack a `[out, bytes]` uint8 matrix to `[out, in_features]` int8 codes."""
     layout = Layout(layout)
-    expected = packed_columns(in_features, layout)
-    if packed.dim() != 2 or packed.shape[1] != expected or packed.dtype != torch.uint8:
+    if is_stream(layout, format_version):
+        return _PACKERS[layout][0](codes.reshape(1, -1)).view(-1)
+    return _PACKERS[layout][0](codes)
+
+
+def _check_packed(packed: torch.Tensor, layout: Layout, out_features: int, in_features: int, format_version: int) -> None:
+    expected = packed_shape(out_features, in_features, layout, format_version)
+    if tuple(packed.shape) != expected or packed.dtype != torch.uint8:
         raise ValueError(
-            f"invalid packed tensor of shape {tuple(packed.shape)} and dtype {packed.dtype}: "
-            f"{layout.value} with {in_features} inputs needs uint8 [out, {expected}]"
+            f"invalid packed tensor of shape {tuple(packed.shape)} and dtype {packed.dtype}: {layout.value} "
+            f"codes of a [{out_features}, {in_features}] matrix in format {format_version} need uint8 {list(expected)}"
         )
+
+
+def unpack(packed: torch.Tensor, layout: Layout, out_features: int, in_features: int, format_version: int = STREAM_FORMAT_VERSION) -> torch.Tensor:
+    """Inverse of `pack`: return the `[out_features, in_features]` int8 codes.
+
+    Raises:
+        ValueError: if `packed` does not have the shape and dtype of such a matrix in `layout`
+            and `format_version`, or contains a ternary-compact byte above 242.
+    """
+    layout = Layout(layout)
+    _check_packed(packed, layout, out_features, in_features, format_version)
+    if is_stream(layout, format_version):
+        return _PACKERS[layout][1](packed.reshape(1, -1), out_features * in_features).view(out_features, in_features)
     return _PACKERS[layout][1](packed, in_features)
+
+
+def unpack_rows(
+    packed: torch.Tensor, layout: Layout, out_features: int, in_features: int, rows: torch.Tensor, format_version: int = STREAM_FORMAT_VERSION
+) -> torch.Tensor:
+    """Return the int8 codes of the rows `rows` (a 1-D index tensor) only, as `[len(rows), in_features]`.
+
+    A row-padded matrix is indexed by row. In a stream, row `r` covers the bytes from
+    `(r * in) // 5` on, starting at digit `(r * in) % 5`: the bytes that cover every requested row
+    are gathered into one `[len(rows), span]` block, unpacked, and each row's codes taken from
+    its starting digit.
+
+    Raises:
+        IndexError: if a row is outside `[0, out_features)`.
+        ValueError: as `unpack`.
+    """
+    layout = Layout(layout)
+    _check_packed(packed, layout, out_features, in_features, format_version)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_features):
+        raise IndexError(f"row index out of range: the matrix has {out_features} rows")
+    if not is_stream(layout, format_version):
+        return _PACKERS[layout][1](packed[rows], in_features)
+
+    per_byte = layout.values_per_byte
+    start = rows.long() * in_features
+    first_byte, first_digit = start // per_byte, start % per_byte
+    # A row that starts at the last digit of a byte needs the most bytes.
+    span = math.ceil((per_byte - 1 + in_features) / per_byte)
+    offsets = torch.arange(span, device=packed.device)
+    byte_index = (first_byte.unsqueeze(1) + offsets).clamp_(max=packed.numel() - 1)
+    digits = unpack_ternary_compact(packed[byte_index], span * per_byte)
+    columns = first_digit.unsqueeze(1) + torch.arange(in_features, device=packed.device)
+    return digits.gather(1, columns)

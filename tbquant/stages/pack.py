@@ -48,9 +48,10 @@ def packed_size(model: nn.Module) -> dict[str, float]:
         if not isinstance(module, (PackedLinear, PackedEmbedding)) or id(module) in seen:
             continue
         seen.add(id(module))
-        weights += module.weight_scale.numel() * (module.in_features if isinstance(module, PackedLinear) else module.embedding_dim)
+        rows = module.weight_scale.numel()
         columns = module.in_features if isinstance(module, PackedLinear) else module.embedding_dim
-        code_bytes += module.weight_scale.numel() * packing.packed_columns(columns, module.layout)
+        weights += rows * columns
+        code_bytes += packing.packed_bytes(rows, columns, module.layout, module.format_version)
         scale_bytes += module.weight_scale.numel() * module.weight_scale.element_size()
         if module.weight_offset is not None:
             scale_bytes += module.weight_offset.numel() * module.weight_offset.element_size()
