@@ -36,9 +36,9 @@ def packed_pair(scheme: str, bits: int | None, center: bool, in_features: int, b
 
 
 def torch_path(module: nn.Module, inputs: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Run `module` with the kernels turned off, as on a machine without a C compiler."""
     with monkeypatch.context() as patch:
-        patch.setattr(native, "MAX_TOKENS", 0)
-        patch.setattr(native, "MAX_HALF_TOKENS", 0)
+        patch.setattr(native, "usable", lambda x: False)
         return module(inputs)
 
 
@@ -46,9 +46,11 @@ def torch_path(module: nn.Module, inputs: torch.Tensor, monkeypatch) -> torch.Te
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 @pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("in_features", [45, 200])
-@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("tokens", [1, 16, 40])
 def test_integer_kernel_equals_torch_path(scheme, bits, center, in_features, tokens, monkeypatch):
-    """Same codes, same int32 sums, same float operations in the same order: equal outputs."""
+    """Same codes, same int32 sums, same float operations in the same order: equal outputs.
+
+    Up to `MAX_TOKENS` tokens run in the fused kernel, more (40) in the kernel's prefill path."""
     quantized, packed = packed_pair(scheme, bits, center, in_features, bias=True)
     inputs = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(tokens))
 
@@ -93,15 +95,16 @@ def test_float_kernel_matches_fake_quantized(scheme, center, monkeypatch):
     assert (fused - fake).abs().max().item() <= OUTPUT_TOLERANCE * scale
 
 
-def test_many_tokens_use_torch_path(monkeypatch):
+def test_many_tokens_use_prefill_path(monkeypatch):
     _, packed = packed_pair("ternary", 8, False, 64, bias=False)
     calls = []
     monkeypatch.setattr(native.PackedKernel, "__call__", lambda self, *args: calls.append(args))
 
     with torch.no_grad():
-        packed(torch.randn(native.MAX_TOKENS + 1, 64))
+        output = packed(torch.randn(native.MAX_TOKENS + 1, 64))
 
     assert calls == []
+    assert output.shape == (native.MAX_TOKENS + 1, 37)
 
 
 def test_gradients_use_torch_path():

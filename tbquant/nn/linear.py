@@ -213,7 +213,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantizer = self.input_quantizer
-        if x.numel() <= native.MAX_TOKENS * self.in_features and (quantizer is None or quantizer.observer is None) and native.usable(x):
+        if (
+            x.numel() <= native.MAX_TOKENS * self.in_features
+            and (quantizer is None or quantizer.observer is None)
+            and native.usable(x)
+        ):
             return self._native_forward(x)
         if quantizer is None:
             weight = self.dequantized_weight(x.dtype)
@@ -221,6 +225,8 @@ class PackedLinear(nn.Module):
         return self._integer_forward(x)
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer.observer is None and kernels.int_mm_available(x.device) and native.usable(x):
+            return self._native_prefill(x)
         leading = x.shape[:-1]
         codes, activation_scale = self.input_quantizer.quantize(x.reshape(-1, self.in_features).float())
         quantizer = self.input_quantizer
@@ -242,6 +248,16 @@ class PackedLinear(nn.Module):
         quantizer = self.input_quantizer
         alpha = float(quantizer.alpha) if quantizer is not None and quantizer.learned else 1.0
         output = kernel(x.reshape(-1, self.in_features).float().contiguous(), alpha)
+        return output.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _native_prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Many tokens: quantize and rescale in the kernel, multiply with `torch._int_mm` on all cores."""
+        kernel = self._native_kernel or self._build_native_kernel()
+        quantizer = self.input_quantizer
+        alpha = float(quantizer.alpha) if quantizer.learned else 1.0
+        codes, code_sums, scales = kernel.quantize(x.reshape(-1, self.in_features).float().contiguous(), alpha)
+        products = torch._int_mm(codes, self._unsigned_codes().view(torch.int8).t())
+        output = kernel.rescale(products, code_sums, scales)
         return output.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _build_native_kernel(self) -> native.PackedKernel:

@@ -36,7 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # Largest number of tokens (rows of the input) that packed layers compute with the fused kernel.
 # Beyond it the torch path's multi-threaded matrix product is faster. Measured on SmolLM2's
@@ -88,6 +88,8 @@ _SIGNATURES = {
     "tbq_abi_version": ([], ctypes.c_int),
     "tbq_linear_int": ([_layer, _pointer, ctypes.c_int64, ctypes.c_float, _pointer], ctypes.c_int),
     "tbq_linear_float": ([_layer, _pointer, ctypes.c_int64, _pointer], ctypes.c_int),
+    "tbq_quantize_rows": ([_layer, _pointer, ctypes.c_int64, ctypes.c_float, _pointer, _pointer, _pointer], None),
+    "tbq_rescale": ([_layer, _pointer, ctypes.c_int64, ctypes.c_int64, _pointer, _pointer, _pointer], None),
     "tbq_fake_quantize": ([_pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _pointer], None),
     "tbq_half_linear": (
         [_pointer, ctypes.c_int64, ctypes.c_int64, _pointer, ctypes.c_int, ctypes.c_int64, _pointer, _pointer],
@@ -238,6 +240,26 @@ class PackedKernel:
                 x = torch.nn.functional.pad(x, (0, padding))
             status = self._library.tbq_linear_float(self.pointer, x.data_ptr(), x.shape[0], out.data_ptr())
         _check(status)
+        return out
+
+    def quantize(self, x: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the int8 codes `c - shift` (`[M, columns]`), code sums `S` and scales `s` of `x`."""
+        tokens = x.shape[0]
+        codes = torch.empty(tokens, self.columns, dtype=torch.int8)
+        code_sums = torch.empty(tokens, dtype=torch.float32)
+        scales = torch.empty(tokens, dtype=torch.float32)
+        self._library.tbq_quantize_rows(
+            self.pointer, x.data_ptr(), tokens, alpha, codes.data_ptr(), code_sums.data_ptr(), scales.data_ptr()
+        )
+        return codes, code_sums, scales
+
+    def rescale(self, products: torch.Tensor, code_sums: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Return the layer output `[M, out]` float32 from the int32 products `c' u` (`[M, rows]`, contiguous)."""
+        tokens, rows = products.shape
+        out = torch.empty(tokens, self.out_features, dtype=torch.float32)
+        self._library.tbq_rescale(
+            self.pointer, products.data_ptr(), tokens, rows, code_sums.data_ptr(), scales.data_ptr(), out.data_ptr()
+        )
         return out
 
 

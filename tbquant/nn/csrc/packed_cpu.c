@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TBQ_ABI_VERSION 4
+#define TBQ_ABI_VERSION 5
 
 /* Activation quantization modes, matching tbquant.quantizers.activation.ActivationQuantizer. */
 #define TBQ_DYNAMIC 0 /* per-token absmax: s = max(amax, 1e-8) / levels, c = clamp(round(x / s)) */
@@ -268,6 +268,44 @@ int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float
     int_rows(&call, 0, layer->height);
     free(codes), free(code_sums), free(scales);
     return 0;
+}
+
+/*
+ * Prefill, in two calls around torch's integer matrix product (torch._int_mm uses every core):
+ *
+ * tbq_quantize_rows quantizes x ([tokens, in_features] float32) to int8 codes c' = c - shift
+ * ([tokens, columns], zero-padded), code sums S and scales s, as tbq_linear_int does.
+ *
+ * tbq_rescale turns the int32 products D'[m, n] = sum_k c'[m, k] u[n, k] ([tokens, rows]) into
+ * the layer's float32 output with the same operations, in the same order, as int_rows.
+ */
+void tbq_quantize_rows(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, int8_t *codes,
+                       float *code_sums, float *scales) {
+    for (int64_t m = 0; m < tokens; m++)
+        quantize_token(x + m * layer->in_features, layer->in_features, layer->columns, layer->mode, layer->levels,
+                       layer->is_signed, alpha, layer->shift, codes + m * layer->columns, code_sums + m, scales + m);
+}
+
+void tbq_rescale(const tbq_layer *layer, const int32_t *products, int64_t tokens, int64_t rows, const float *code_sums,
+                 const float *scales, float *out) {
+    int64_t out_features = layer->out_features;
+    int binary = layer->bits == 1, shift = layer->shift;
+    for (int64_t m = 0; m < tokens; m++) {
+        const int32_t *dots = products + m * rows;
+        float *target = out + m * out_features;
+        float s = scales[m], code_sum = code_sums[m];
+        for (int64_t n = 0; n < out_features; n++) {
+            int32_t d = dots[n] + shift * layer->weight_sums[n];
+            int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
+            float y = (float)dot * s;
+            y *= layer->row_scale[n];
+            if (layer->row_offset)
+                y += (s * code_sum) * layer->row_offset[n];
+            if (layer->bias)
+                y += layer->bias[n];
+            target[n] = y;
+        }
+    }
 }
 
 /*
