@@ -54,6 +54,30 @@ typedef struct {
 } tbq_layer;
 
 /*
+ * Largest value of x (of |x| when `absolute`), at least 0, in TBQ_MAX_LANES independent running
+ * maxima that the compiler vectorizes. The maximum does not depend on the order of comparisons.
+ */
+#define TBQ_MAX_LANES 16
+
+static inline float absolute_max(const float *x, int64_t length, int absolute) {
+    float partial[TBQ_MAX_LANES] = {0};
+    int64_t k = 0;
+    for (; k + TBQ_MAX_LANES <= length; k += TBQ_MAX_LANES)
+        for (int l = 0; l < TBQ_MAX_LANES; l++) {
+            float v = absolute ? fabsf(x[k + l]) : x[k + l];
+            partial[l] = v > partial[l] ? v : partial[l];
+        }
+    float amax = 0.0f;
+    for (int l = 0; l < TBQ_MAX_LANES; l++)
+        amax = partial[l] > amax ? partial[l] : amax;
+    for (; k < length; k++) {
+        float v = absolute ? fabsf(x[k]) : x[k];
+        amax = v > amax ? v : amax;
+    }
+    return amax;
+}
+
+/*
  * Quantize one token's activations to int8 codes c' = c - shift and return the code sum
  * S = sum c (as float, exactly) and the scale s.
  */
@@ -64,11 +88,7 @@ static void quantize_token(const float *x, int64_t in_features, int64_t columns,
     int32_t sum = 0;
 
     if (mode == TBQ_DYNAMIC) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < in_features; k++) {
-            float v = is_signed ? fabsf(x[k]) : x[k];
-            amax = v > amax ? v : amax;
-        }
+        float amax = absolute_max(x, in_features, is_signed);
         float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
         for (int64_t k = 0; k < in_features; k++) {
             float c = nearbyintf(x[k] / s);
@@ -112,11 +132,7 @@ void tbq_fake_quantize(const float *x, int64_t rows, int64_t length, int levels,
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * length;
         float *target = out + r * length;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < length; k++) {
-            float v = is_signed ? fabsf(row[k]) : row[k];
-            amax = v > amax ? v : amax;
-        }
+        float amax = absolute_max(row, length, is_signed);
         float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
         for (int64_t k = 0; k < length; k++) {
             float c = nearbyintf(row[k] / s);
