@@ -8,8 +8,8 @@ For each model, a fresh subprocess loads it and measures:
   pass (which reads every weight of a memory-mapped checkpoint) minus before;
 - decode tokens per second at batch 1: `--decode-tokens` single-token forward passes with the KV
   cache after a 16-token prompt;
-- prefill tokens per second at batch `--prefill-batch` x `--prefill-length`: one forward pass
-  without cache, after a warm-up pass;
+- prefill tokens per second at batch `--prefill-batch` x `--prefill-length`: the median of
+  three forward passes without cache, after a warm-up pass;
 - bits per weight of the quantized layers (codes, and codes plus scales) and the weights file size.
 
 Models load in float32 unless an export is given as NAME=DIRECTORY:DTYPE: then its
@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,10 @@ import time
 from pathlib import Path
 
 TEACHER = "fp32"
+
+# Prefill passes timed per model; the median is reported, so that one pass slowed by another
+# process does not decide the figure.
+PREFILL_REPEATS = 3
 
 
 def resident_bytes() -> int:
@@ -141,9 +146,12 @@ def measure(path: Path, dtype_name: str, decode_tokens: int, prefill_batch: int,
 
         batch = torch.randint(0, vocabulary, (prefill_batch, prefill_length), generator=generator)
         model(input_ids=batch[:1, :32], use_cache=False)
-        started = time.perf_counter()
-        model(input_ids=batch, use_cache=False)
-        result["prefill_tokens_per_second"] = batch.numel() / (time.perf_counter() - started)
+        seconds = []
+        for _ in range(PREFILL_REPEATS):
+            started = time.perf_counter()
+            model(input_ids=batch, use_cache=False)
+            seconds.append(time.perf_counter() - started)
+        result["prefill_tokens_per_second"] = batch.numel() / statistics.median(seconds)
     return result
 
 
