@@ -95,11 +95,13 @@ class PackedLinear(nn.Module):
     planar layout of `tbquant.nn.kernels` (2 bits per ternary weight, 1 per binary weight, rows padded to a
     multiple of 4 or 8 and columns to a multiple of 8) and
     `weight_packed` is dropped; `state_dict` packs them back to the disk layout. No float copy of
-    the weight is kept: every forward pass unpacks the codes and computes with them.
+    the weight is kept: every forward pass computes from the codes. On CPU, up to
+    `native.MAX_TOKENS` tokens go through the fused kernel of `tbquant.nn.native`, which reads
+    the packed codes directly. More tokens, and other devices, unpack the codes first.
 
     With an input quantizer, the product is integer work: int8 activation codes times the
-    weight codes, accumulated in int32 (`torch._int_mm` on CPU), then scaled by the activation
-    scale and the row scale. Its outputs equal those of the fake-quantized `QuantLinear` up to
+    weight codes, accumulated in int32 (the fused kernel, or `torch._int_mm` on CPU), then
+    scaled by the activation scale and the row scale. Its outputs equal those of the fake-quantized `QuantLinear` up to
     float32 rounding, because both use the same codes and scales (`OUTPUT_TOLERANCE`). Without
     an input quantizer, the codes are dequantized by `dequantize_weight` for each forward pass
     and multiplied in the input's dtype, which is exactly what `QuantLinear` computes.
