@@ -50,10 +50,6 @@ MAX_TOKENS = 16
 # (9.5 ms against 15.4 ms).
 MAX_HALF_TOKENS = 8
 
-# Largest tensor (in elements) fake-quantized by `fake_quantize`. Decoding's query, key, value
-# and probability tensors are far smaller. Prefill's are left to torch's multi-threaded operations.
-MAX_QUANTIZE_ELEMENTS = 1 << 18
-
 # Activation quantization modes of `tbq_linear_int`.
 DYNAMIC, LEARNED_ROUND, LEARNED_SIGN = 0, 1, 2
 

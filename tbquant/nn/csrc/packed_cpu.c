@@ -122,9 +122,8 @@ static void quantize_token(const float *x, int64_t in_features, int64_t columns,
 /*
  * Fake-quantize `rows` rows of `length` float32 values with the dynamic per-token quantizer:
  * out = clamp(round(x / s), low, levels) * s with s = max(amax, 1e-8) / levels, the same
- * float operations as ActivationQuantizer on torch. Serves the small query, key, value and
- * probability tensors of decoding, where torch's eight separate operations cost more than the
- * arithmetic.
+ * float operations as ActivationQuantizer on torch, in two passes over each row instead of
+ * torch's eight operations over the whole tensor.
  */
 void tbq_fake_quantize(const float *x, int64_t rows, int64_t length, int levels, int is_signed, float *out) {
     float low = is_signed ? (float)-levels : 0.0f;
