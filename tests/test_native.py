@@ -268,3 +268,56 @@ def test_fake_quantize_equals_torch(bits, signed, monkeypatch):
         reference = torch_path(quantizer, inputs, monkeypatch)
 
     assert torch.equal(fused, reference)
+
+
+# Instruction sets of the inner loops: AVX-512 VNNI where this machine's compiler targets it,
+# AVX2 with FMA and F16C (x86-64-v3), and the portable loops (baseline x86-64, SSE2 only).
+VARIANT_FLAGS = {
+    "avx2": ["-O3", "-march=x86-64-v3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"],
+    "portable": ["-O3", "-march=x86-64", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"],
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANT_FLAGS))
+def variant_library(request, tmp_path_factory):
+    """Build the kernels for an older instruction set, so that its code path runs on this machine."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the variants are x86-64 instruction sets")
+    target = tmp_path_factory.mktemp("kernels") / f"{request.param}.so"
+    with native.source_path() as source:
+        native.compile_library(native._find_compiler(), source, target, [VARIANT_FLAGS[request.param]])
+    return native.load_library(target)
+
+
+@pytest.mark.parametrize("scheme", ["ternary", "binary"])
+@pytest.mark.parametrize("non_negative", [False, True])
+def test_instruction_set_variants_agree(variant_library, scheme, non_negative, monkeypatch):
+    """Every build of the kernels gives the same outputs: exactly for integer work, and within
+    float rounding for float inputs and 16-bit weights."""
+    _, integer = packed_pair(scheme, 8, True, 200, bias=True, non_negative=non_negative)
+    _, floating = packed_pair(scheme, None, False, 200, bias=True)
+    head = nn.Linear(200, 300, bias=False)
+    head.weight = nn.Parameter(head.weight.detach().half(), requires_grad=False)
+    keep_small_weights(nn.Sequential(head), monkeypatch)
+    quantizer = ActivationQuantizer(8, QuantPoint.PROBS)
+    inputs = torch.randn(3, 200, generator=torch.Generator().manual_seed(7))
+    if non_negative:
+        inputs = inputs.abs()
+    prefill = torch.randn(40, 200, generator=torch.Generator().manual_seed(8))
+
+    def run_all():
+        integer._native_kernel = floating._native_kernel = None
+        return [integer(inputs), integer(prefill), floating(inputs), head(inputs), quantizer(inputs.abs())]
+
+    with torch.no_grad():
+        default = run_all()
+        monkeypatch.setattr(native, "library", lambda: variant_library)
+        variant = run_all()
+
+    assert torch.equal(variant[0], default[0])
+    assert torch.equal(variant[1], default[1])
+    assert torch.allclose(variant[2], default[2], rtol=0, atol=OUTPUT_TOLERANCE * max(1.0, default[2].abs().max().item()))
+    assert torch.allclose(variant[3], default[3], rtol=0, atol=1e-6 * max(1.0, default[3].abs().max().item()))
+    assert torch.equal(variant[4], default[4])

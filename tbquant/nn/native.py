@@ -117,13 +117,23 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _compile(compiler: str, source: Path, target: Path) -> None:
-    """Compile `source` to the shared library `target`, atomically (parallel loaders may race)."""
+def source_path():
+    """Return a context manager giving the path of the kernel source file."""
+    return resources.as_file(resources.files("tbquant.nn") / "csrc" / _SOURCE)
+
+
+def compile_library(compiler: str, source: Path, target: Path, flag_sets: list[list[str]] | None = None) -> None:
+    """Compile `source` to the shared library `target`, atomically (parallel loaders may race).
+
+    Each set of flags is tried in turn (by default `-march=native`, then without it).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
+    if flag_sets is None:
+        flag_sets = [_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]]
     try:
-        for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
+        for flags in flag_sets:
             result = subprocess.run(
                 [compiler, *flags, "-o", staging, str(source), "-lm"], capture_output=True, text=True, timeout=120, check=False
             )
@@ -148,7 +158,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found (set CC): packed layers use the slower torch path on CPU")
         return None
-    with resources.as_file(resources.files("tbquant.nn") / "csrc" / _SOURCE) as source:
+    with source_path() as source:
         text = source.read_bytes()
         key = hashlib.sha256(
             b"\0".join([text, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_identity().encode()])
@@ -157,19 +167,25 @@ def library() -> ctypes.CDLL | None:
         try:
             if not target.is_file():
                 logger.info("compiling the fused CPU kernels with %s (once, cached in %s)", compiler, target.parent)
-                _compile(compiler, source, target)
-            handle = ctypes.CDLL(str(target))
+                compile_library(compiler, source, target)
+            handle = load_library(target)
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             logger.warning("could not build the fused CPU kernels (%s): packed layers use the slower torch path on CPU", error)
             return None
 
+    if handle.tbq_abi_version() != ABI_VERSION:
+        logger.warning("fused CPU kernels at %s have another ABI version: packed layers use the torch path", target)
+        return None
+    return handle
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel library and declare the C signatures of its functions."""
+    handle = ctypes.CDLL(str(path))
     for name, (arguments, result) in _SIGNATURES.items():
         function = getattr(handle, name)
         function.argtypes = arguments
         function.restype = result
-    if handle.tbq_abi_version() != ABI_VERSION:
-        logger.warning("fused CPU kernels at %s have another ABI version: packed layers use the torch path", target)
-        return None
     return handle
 
 
