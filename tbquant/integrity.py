@@ -53,7 +53,7 @@ def read_checksums(directory: Path) -> dict[str, str]:
     if not checksums.is_file():
         raise ExportError(
             f"{checksums} not found, so the weights of {directory} cannot be verified: "
-            "export the model again, or skip the check with tbquant.load_quantized(..., verify=False) in Python"
+            "export the model again, or skip the check with --no-verify (verify=False in tbquant.load_quantized)"
         )
     expected: dict[str, str] = {}
     for number, line in enumerate(checksums.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):

@@ -213,3 +213,19 @@ def test_chat_without_template(exports, capsys, monkeypatch):
     result = run_in_process(capsys, monkeypatch, "generate", str(exports("bart")), "Hello", "--chat")
 
     assert_one_line_error(result, "no chat template", "--chat")
+
+
+def test_missing_checksums_rejected_then_skipped(exports, tmp_path, capsys, monkeypatch):
+    """An export without checksums.sha256 (as written before checksums existed) runs with --no-verify."""
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(exports("llama"), copy)
+    (copy / "checksums.sha256").unlink()
+
+    rejected = run_in_process(capsys, monkeypatch, "generate", str(copy), "Hello", "--max-new-tokens", "3")
+    accepted = run_in_process(capsys, monkeypatch, "generate", str(copy), "Hello", "--max-new-tokens", "3", "--no-verify")
+
+    assert_one_line_error(rejected, "checksums.sha256 not found", "--no-verify")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.strip()

@@ -174,6 +174,7 @@ def eval_command(
     dataset_split: Annotated[Optional[str], typer.Option(help="Dataset split for --update-card \\[default: the file stem when it is train, valid, validation, dev or test].")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoints' own Python code to run.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of MODEL and --teacher.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip checking exports' weights against their checksums.sha256.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs, and tracebacks of failures.")] = False,
 ) -> None:
     """Measure a model on task data (perplexity, ROUGE, BLEU, chrF, agreement), side by side with its teacher."""
@@ -213,12 +214,12 @@ def eval_command(
             raise _teacher_error(error) from None
 
     logger.info("Loading %s", model)
-    student = load_for_eval(model, trust_remote_code, revision)
+    student = load_for_eval(model, trust_remote_code, revision, verify=not no_verify)
     loaded_teacher = None
     if teacher is not None:
         logger.info("Loading the teacher %s", teacher)
         try:
-            loaded_teacher = load_for_eval(teacher, trust_remote_code, revision)
+            loaded_teacher = load_for_eval(teacher, trust_remote_code, revision, verify=not no_verify)
         except TbquantError as error:
             raise _teacher_error(error) from None
     metrics = choose_metrics(metric, student, loaded_teacher, kind)

@@ -101,6 +101,7 @@ def generate_command(
     seed: Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user message with the tokenizer's chat template.")] = False,
     device: Annotated[str, typer.Option(help="Device to run on: cpu, cuda or cuda:N.")] = "cpu",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip checking the weights against checksums.sha256.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate text from an export and report tokens per second (text on stdout, timing on stderr)."""
@@ -125,7 +126,7 @@ def generate_command(
     import tbquant
     from tbquant.generation import generate_text
 
-    model, tokenizer = tbquant.load_quantized(directory, device=target)
+    model, tokenizer = tbquant.load_quantized(directory, device=target, verify=not no_verify)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise TbquantError(f"the tokenizer of {directory} has no chat template: drop --chat")
     result = generate_text(model, tokenizer, task, text, options)

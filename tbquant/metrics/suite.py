@@ -114,14 +114,14 @@ def check_source(source: str) -> None:
     resolve_source(source)
 
 
-def load_for_eval(source: str, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
+def load_for_eval(source: str, trust_remote_code: bool = False, revision: str | None = None, verify: bool = True) -> LoadedModel:
     """Load a tbquant export with `tbquant.load_quantized`, or anything `compress` loads."""
     from tbquant import load_quantized
     from tbquant.stages.load import detect_task, load_model_and_tokenizer
 
     path = Path(source).expanduser()
     if path.is_dir() and is_export(path):
-        model, tokenizer = load_quantized(path)
+        model, tokenizer = load_quantized(path, verify=verify)
         task = Task(json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"].get("task") or detect_task(model.config))
         exported = True
     else:
