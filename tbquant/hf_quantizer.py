@@ -146,9 +146,12 @@ class TbquantHfQuantizer(HfQuantizer):
             _load_large_weights_in_stored_dtype(model, headers, getattr(self, "compute_dtype", torch.float32))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, PackedLinear):
-                module.prepare_for_inference()
+                try:
+                    module.prepare_for_inference()
+                except ValueError as error:  # codes that no packing produces, such as a byte above 242
+                    raise ExportError(f"tensor {name}.weight_packed of the export is invalid ({error}): the export is corrupt, export it again") from None
         kept = keep_stored_dtype(model, getattr(self, "compute_dtype", torch.float32))
         # Tensors loaded in their stored dtype (packed codes, scales, kept 16-bit weights) are views
         # of the memory-mapped file, which stays mapped, with every page read so far resident,

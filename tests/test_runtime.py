@@ -415,3 +415,15 @@ def test_stream_labelled_format1_error(llama_export, tmp_path):
     (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
     assert_one_line_export_error(path, "weight_packed has shape")
+
+
+def test_invalid_code_byte_error(llama_export, tmp_path):
+    """A ternary-compact byte above 242 packs no codes: loading names the tensor."""
+
+    def change(tensors):
+        name = "model.layers.0.self_attn.q_proj.weight_packed"
+        tensors[name][0] = 255
+
+    path = corrupt_copy(llama_export, tmp_path, change)
+
+    assert_one_line_export_error(path, "tensor model.layers.0.self_attn.q_proj.weight_packed of the export is invalid")
