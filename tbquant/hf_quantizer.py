@@ -133,10 +133,7 @@ class TbquantHfQuantizer(HfQuantizer):
         build_packed_skeleton(model, self.quantization_config.quantization, format_version)
         # Ties whose ends are no longer both parameters (packed modules, an untied head) are
         # dropped, so that transformers does not tie them again after loading.
-        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-        model.all_tied_weights_keys = {
-            target: source for target, source in model.all_tied_weights_keys.items() if target in parameters and source in parameters
-        }
+        parameters = _drop_ties_to_non_parameters(model)
         _keep_shared_buffers(model, getattr(self.quantization_config, "tied", {}), parameters)
         if checkpoint_files:
             directory = Path(checkpoint_files[0]).parent
@@ -152,7 +149,7 @@ class TbquantHfQuantizer(HfQuantizer):
                     module.prepare_for_inference()
                 except ValueError as error:  # codes that no packing produces, such as a byte above 242
                     raise ExportError(f"tensor {name}.weight_packed of the export is invalid ({error}): the export is corrupt, export it again") from None
-        kept = keep_stored_dtype(model, getattr(self, "compute_dtype", torch.float32))
+        kept_16bit = keep_stored_dtype(model, getattr(self, "compute_dtype", torch.float32))
         # Tensors loaded in their stored dtype (packed codes, scales, kept 16-bit weights) are views
         # of the memory-mapped file, which stays mapped, with every page read so far resident,
         # while any of them lives. Copying them lets the file be unmapped.
@@ -172,13 +169,10 @@ class TbquantHfQuantizer(HfQuantizer):
                     tensors[name] = copies[key]
         del copies
         _release_free_memory()
-        if kept:
-            logger.debug("kept the stored 16-bit weights of %s", ", ".join(kept))
+        if kept_16bit:
+            logger.debug("kept the stored 16-bit weights of %s", ", ".join(kept_16bit))
             # The kept weights are buffers now: later `tie_weights` calls must not tie them again.
-            parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-            model.all_tied_weights_keys = {
-                target: source for target, source in model.all_tied_weights_keys.items() if target in parameters and source in parameters
-            }
+            _drop_ties_to_non_parameters(model)
         return model
 
     def is_serializable(self) -> bool:
@@ -194,6 +188,15 @@ class TbquantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _drop_ties_to_non_parameters(model) -> set[str]:
+    """Remove the tied-weight entries whose ends are not both parameters; return the parameter names."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    model.all_tied_weights_keys = {
+        target: source for target, source in model.all_tied_weights_keys.items() if target in parameters and source in parameters
+    }
+    return parameters
 
 
 def _release_free_memory() -> None:
@@ -233,8 +236,8 @@ def _keep_shared_buffers(model, tied: dict[str, str], parameters: set[str]) -> N
 def _load_large_weights_in_stored_dtype(model: torch.nn.Module, headers: dict[str, tuple[tuple[int, ...], str]], compute_dtype: torch.dtype) -> None:
     """Give large 16-bit embedding and linear weights a meta parameter of their stored dtype.
 
-    transformers loads a tensor in its parameter's dtype when that differs from the requested one,
-    so these weights are read without an upcast; `keep_stored_dtype` then computes with them.
+    transformers loads a tensor in its parameter's dtype when that differs from the requested one.
+    These weights are therefore read without an upcast, and `keep_stored_dtype` computes with them.
     """
     if compute_dtype in HALF_DTYPES:
         return

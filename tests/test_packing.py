@@ -114,7 +114,7 @@ def test_unpack_rows_out_of_range_raises(row):
 
 def test_unpack_rows_checks_the_bytes_it_reads():
     packed = packing.pack(random_codes((3, 7), Layout.TERNARY_COMPACT), Layout.TERNARY_COMPACT)
-    packed[2] = 243  # byte 2 holds codes 10 to 14, in row 1 and row 2
+    packed[2] = 243  # byte 2 contains codes 10 to 14, in row 1 and row 2
 
     with pytest.raises(ValueError, match="243"):
         packing.unpack_rows(packed, Layout.TERNARY_COMPACT, 3, 7, torch.tensor([2]))

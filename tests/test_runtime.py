@@ -313,10 +313,10 @@ def test_weights_file_unmapped_after_load(exported):
 def test_large_16bit_weights_stay_16bit(exported):
     """Large full-precision embeddings and heads keep their stored float16 and compute in float32."""
     model = load_auto(exported)
-    kept = [module for module in model.modules() if isinstance(module, (HalfStorageEmbedding, HalfStorageLinear))]
+    half_storage = [module for module in model.modules() if isinstance(module, (HalfStorageEmbedding, HalfStorageLinear))]
 
     assert model.dtype == torch.float32
-    for module in kept:
+    for module in half_storage:
         assert module.weight.dtype == torch.float16
         assert module.weight.numel() >= MIN_ELEMENTS
     if exported.architecture == "llama":

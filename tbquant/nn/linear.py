@@ -247,20 +247,21 @@ class PackedLinear(nn.Module):
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Compute a few tokens with the fused CPU kernel (`tbquant.nn.native`): same formula, one call."""
         kernel = self._native_kernel or self._build_native_kernel()
-        quantizer = self.input_quantizer
-        alpha = float(quantizer.alpha) if quantizer is not None and quantizer.learned else 1.0
-        output = kernel(x.reshape(-1, self.in_features).float().contiguous(), alpha)
+        output = kernel(x.reshape(-1, self.in_features).float().contiguous(), self._learned_scale())
         return output.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _native_prefill(self, x: torch.Tensor) -> torch.Tensor:
         """Many tokens: quantize and rescale in the kernel, multiply with `torch._int_mm` on all cores."""
         kernel = self._native_kernel or self._build_native_kernel()
-        quantizer = self.input_quantizer
-        alpha = float(quantizer.alpha) if quantizer.learned else 1.0
-        codes, code_sums, scales = kernel.quantize(x.reshape(-1, self.in_features).float().contiguous(), alpha)
+        codes, code_sums, scales = kernel.quantize(x.reshape(-1, self.in_features).float().contiguous(), self._learned_scale())
         products = torch._int_mm(codes, self._unsigned_codes().view(torch.int8).t())
         output = kernel.rescale(products, code_sums, scales)
         return output.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _learned_scale(self) -> float:
+        """Return the input quantizer's learned scale `alpha`, or 1.0 (ignored by the kernel) for dynamic ones."""
+        quantizer = self.input_quantizer
+        return float(quantizer.alpha) if quantizer is not None and quantizer.learned else 1.0
 
     def _build_native_kernel(self) -> native.PackedKernel:
         """Prepare the fused kernel's view of this layer (once; `_apply` and loading reset it)."""

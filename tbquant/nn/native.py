@@ -4,18 +4,18 @@ Decoding computes one token at a time, so a packed layer's cost is reading its c
 arithmetic. The torch path (`tbquant.nn.kernels`) unpacks the whole code matrix to one byte per
 weight before its integer product. The fused kernel reads the 2-bit (or 1-bit) codes once, and
 quantizes the activations, multiplies, and applies the scales, offsets and bias in one call. It
-serves up to `MAX_TOKENS` tokens at a time. Prefill stays on the torch path, whose matrix
-product uses every core.
+serves up to `MAX_TOKENS` tokens at a time. For more tokens (prefill), the kernel quantizes the
+activations and rescales the products, while `torch._int_mm` multiplies on every core.
 
 NOTE: the kernels run on the calling thread. Splitting a layer's rows over POSIX threads gave no
 speed-up on the 2-core machine where they were measured (torch's OpenMP threads, which keep
 spinning between operations, are a suspect), so decoding uses one core for the packed layers.
 
-The kernel is plain C built by the system C compiler (`CC`, else `cc`, `gcc` or `clang`) with
-`-O3 -march=native`, the way PyTorch builds its JIT extensions, and cached under
-`$TBQUANT_CACHE_DIR` (default `~/.cache/tbquant/kernels`), keyed by the source, the compiler
-and the CPU. Without a compiler, or with `TBQUANT_NATIVE_KERNELS=0`, packed layers use the torch
-path and give the same outputs more slowly.
+The kernel is plain C, built by the system C compiler (`CC`, else `cc`, `gcc` or `clang`) with
+`-O3 -march=native`. The build is cached in `$TBQUANT_CACHE_DIR/kernels` (by default
+`~/.cache/tbquant/kernels`), keyed by the source, the compiler and the CPU. Without a compiler,
+or with `TBQUANT_NATIVE_KERNELS=0`, packed layers use the torch path, which gives the same
+integer results more slowly.
 """
 
 from __future__ import annotations

@@ -77,6 +77,18 @@ static inline float absolute_max(const float *x, int64_t length, int absolute) {
     return amax;
 }
 
+/* Scale of the dynamic per-token quantizer: s = max(amax, 1e-8) / levels. */
+static inline float dynamic_scale(const float *x, int64_t length, int levels, int is_signed) {
+    float amax = absolute_max(x, length, is_signed);
+    return (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
+}
+
+/* Code of one value: clamp(round(v / s), low, high), rounding half to even as torch.round does. */
+static inline float dynamic_code(float v, float s, float low, float high) {
+    float c = nearbyintf(v / s);
+    return c < low ? low : (c > high ? high : c);
+}
+
 /*
  * Quantize one token's activations to int8 codes c' = c - shift and return the code sum
  * S = sum c (as float, exactly) and the scale s.
@@ -88,12 +100,9 @@ static void quantize_token(const float *x, int64_t in_features, int64_t columns,
     int32_t sum = 0;
 
     if (mode == TBQ_DYNAMIC) {
-        float amax = absolute_max(x, in_features, is_signed);
-        float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
+        float s = dynamic_scale(x, in_features, levels, is_signed);
         for (int64_t k = 0; k < in_features; k++) {
-            float c = nearbyintf(x[k] / s);
-            c = c < low ? low : (c > high ? high : c);
-            int32_t code = (int32_t)c - shift;
+            int32_t code = (int32_t)dynamic_code(x[k], s, low, high) - shift;
             codes[k] = (int8_t)code;
             sum += code;
         }
@@ -131,13 +140,9 @@ void tbq_fake_quantize(const float *x, int64_t rows, int64_t length, int levels,
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * length;
         float *target = out + r * length;
-        float amax = absolute_max(row, length, is_signed);
-        float s = (amax > TBQ_MIN_DYNAMIC_SCALE ? amax : TBQ_MIN_DYNAMIC_SCALE) / (float)levels;
-        for (int64_t k = 0; k < length; k++) {
-            float c = nearbyintf(row[k] / s);
-            c = c < low ? low : (c > high ? high : c);
-            target[k] = c * s;
-        }
+        float s = dynamic_scale(row, length, levels, is_signed);
+        for (int64_t k = 0; k < length; k++)
+            target[k] = dynamic_code(row[k], s, low, high) * s;
     }
 }
 
@@ -221,79 +226,27 @@ static inline void dot_planes(const int8_t *codes, const uint8_t *row, int64_t c
 }
 
 /*
- * y[m, n] = s[m] * a[n] * sum_k c[m, k] w[n, k] + s[m] * mu[n] * S[m] + bias[n]
+ * y[m, n] = s[m] * a[n] * sum_k c[m, k] w[n, k] + s[m] * mu[n] * S[m] + bias[n], from
+ * D'[m, n] = sum_k c'[m, k] u[n, k] (codes c' = c - z, unsigned weight codes u):
  *
- * x: [tokens, in_features] float32; alpha: the learned scale (ignored by TBQ_DYNAMIC);
- * out: [tokens, out_features] float32. Returns 0, or -1 if the workspace cannot be allocated.
+ *     sum c w = D' + z U[n] - S          (ternary, w = u - 1)
+ *     sum c w = 2 (D' + z U[n]) - S      (binary,  w = 2u - 1)
+ *
+ * exact in int32, then the float operations of PackedLinear's torch path, in the same order.
  */
-typedef struct {
-    const tbq_layer *layer;
-    const int8_t *codes;
-    const float *code_sums, *scales;
-    int64_t tokens;
-    float *out;
-} tbq_int_call;
-
-static void int_rows(void *context, int64_t first, int64_t last) {
-    const tbq_int_call *call = context;
-    const tbq_layer *layer = call->layer;
-    int64_t height = layer->height, columns = layer->columns, out_features = layer->out_features;
-    int bits = layer->bits, shift = layer->shift, binary = bits == 1, planes_per_byte = 8 / bits;
-
-    for (int64_t r = first; r < last; r++) {
-        const uint8_t *row = layer->planes + r * columns;
-        for (int64_t m = 0; m < call->tokens; m++) {
-            int32_t dots[8];
-            dot_planes(call->codes + m * columns, row, columns, bits, dots);
-            float s = call->scales[m];
-            float code_sum = call->code_sums[m];
-            for (int i = 0; i < planes_per_byte; i++) {
-                int64_t n = i * height + r;
-                if (n >= out_features)
-                    break;
-                /* sum c w = D + z U - S (ternary) or 2 (D + z U) - S (binary), exact in int32. */
-                int32_t d = dots[i] + shift * layer->weight_sums[n];
-                int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
-                float y = (float)dot * s;
-                y *= layer->row_scale[n];
-                if (layer->row_offset)
-                    y += (s * code_sum) * layer->row_offset[n];
-                if (layer->bias)
-                    y += layer->bias[n];
-                call->out[m * out_features + n] = y;
-            }
-        }
-    }
+static inline float rescale_output(const tbq_layer *layer, int32_t product, int64_t n, float s, float code_sum) {
+    int32_t d = product + layer->shift * layer->weight_sums[n];
+    int32_t dot = (layer->bits == 1 ? 2 * d : d) - (int32_t)code_sum;
+    float y = (float)dot * s;
+    y *= layer->row_scale[n];
+    if (layer->row_offset)
+        y += (s * code_sum) * layer->row_offset[n];
+    if (layer->bias)
+        y += layer->bias[n];
+    return y;
 }
 
-int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, float *out) {
-    int64_t columns = layer->columns;
-    int8_t *codes = malloc((size_t)(tokens * columns));
-    float *code_sums = malloc((size_t)tokens * sizeof(float));
-    float *scales = malloc((size_t)tokens * sizeof(float));
-    if (!codes || !code_sums || !scales) {
-        free(codes), free(code_sums), free(scales);
-        return -1;
-    }
-    for (int64_t m = 0; m < tokens; m++)
-        quantize_token(x + m * layer->in_features, layer->in_features, columns, layer->mode, layer->levels, layer->is_signed,
-                       alpha, layer->shift, codes + m * columns, code_sums + m, scales + m);
-
-    tbq_int_call call = {layer, codes, code_sums, scales, tokens, out};
-    int_rows(&call, 0, layer->height);
-    free(codes), free(code_sums), free(scales);
-    return 0;
-}
-
-/*
- * Prefill, in two calls around torch's integer matrix product (torch._int_mm uses every core):
- *
- * tbq_quantize_rows quantizes x ([tokens, in_features] float32) to int8 codes c' = c - shift
- * ([tokens, columns], zero-padded), code sums S and scales s, as tbq_linear_int does.
- *
- * tbq_rescale turns the int32 products D'[m, n] = sum_k c'[m, k] u[n, k] ([tokens, rows]) into
- * the layer's float32 output with the same operations, in the same order, as int_rows.
- */
+/* Quantize `tokens` rows of x to codes c' ([tokens, columns]), code sums S and scales s. */
 void tbq_quantize_rows(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, int8_t *codes,
                        float *code_sums, float *scales) {
     for (int64_t m = 0; m < tokens; m++)
@@ -301,26 +254,49 @@ void tbq_quantize_rows(const tbq_layer *layer, const float *x, int64_t tokens, f
                        layer->is_signed, alpha, layer->shift, codes + m * layer->columns, code_sums + m, scales + m);
 }
 
-void tbq_rescale(const tbq_layer *layer, const int32_t *products, int64_t tokens, int64_t rows, const float *code_sums,
-                 const float *scales, float *out) {
-    int64_t out_features = layer->out_features;
-    int binary = layer->bits == 1, shift = layer->shift;
-    for (int64_t m = 0; m < tokens; m++) {
-        const int32_t *dots = products + m * rows;
-        float *target = out + m * out_features;
-        float s = scales[m], code_sum = code_sums[m];
-        for (int64_t n = 0; n < out_features; n++) {
-            int32_t d = dots[n] + shift * layer->weight_sums[n];
-            int32_t dot = (binary ? 2 * d : d) - (int32_t)code_sum;
-            float y = (float)dot * s;
-            y *= layer->row_scale[n];
-            if (layer->row_offset)
-                y += (s * code_sum) * layer->row_offset[n];
-            if (layer->bias)
-                y += layer->bias[n];
-            target[n] = y;
+/*
+ * Decoding: quantize x ([tokens, in_features] float32; alpha is the learned scale, ignored by
+ * TBQ_DYNAMIC) and compute out ([tokens, out_features] float32) from the planar codes in one pass
+ * over them per token. Returns 0, or -1 if the workspace cannot be allocated.
+ */
+int tbq_linear_int(const tbq_layer *layer, const float *x, int64_t tokens, float alpha, float *out) {
+    int64_t height = layer->height, columns = layer->columns, out_features = layer->out_features;
+    int planes_per_byte = 8 / layer->bits;
+    int8_t *codes = malloc((size_t)(tokens * columns));
+    float *code_sums = malloc((size_t)tokens * sizeof(float));
+    float *scales = malloc((size_t)tokens * sizeof(float));
+    if (!codes || !code_sums || !scales) {
+        free(codes), free(code_sums), free(scales);
+        return -1;
+    }
+    tbq_quantize_rows(layer, x, tokens, alpha, codes, code_sums, scales);
+
+    for (int64_t r = 0; r < height; r++) {
+        const uint8_t *row = layer->planes + r * columns;
+        for (int64_t m = 0; m < tokens; m++) {
+            int32_t dots[8];
+            dot_planes(codes + m * columns, row, columns, layer->bits, dots);
+            for (int i = 0; i < planes_per_byte; i++) {
+                int64_t n = i * height + r;
+                if (n >= out_features)
+                    break;
+                out[m * out_features + n] = rescale_output(layer, dots[i], n, scales[m], code_sums[m]);
+            }
         }
     }
+    free(codes), free(code_sums), free(scales);
+    return 0;
+}
+
+/*
+ * Prefill: after tbq_quantize_rows and torch._int_mm (which uses every core) computed the int32
+ * products D' ([tokens, rows]), turn them into the layer's float32 output.
+ */
+void tbq_rescale(const tbq_layer *layer, const int32_t *products, int64_t tokens, int64_t rows, const float *code_sums,
+                 const float *scales, float *out) {
+    for (int64_t m = 0; m < tokens; m++)
+        for (int64_t n = 0; n < layer->out_features; n++)
+            out[m * layer->out_features + n] = rescale_output(layer, products[m * rows + n], n, scales[m], code_sums[m]);
 }
 
 /*
